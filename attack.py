@@ -1,0 +1,15 @@
+"""Fine-tuning attack on a model.  python attack.py model=<folder or Hub id> attack=<name>  (conf/attack.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="attack")
+def main(cfg: DictConfig) -> None:
+    from sdd.training import print_summary, train
+
+    print_summary(train(cfg))
+
+
+if __name__ == "__main__":
+    main()

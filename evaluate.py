@@ -1,0 +1,15 @@
+"""Evaluate a model's harmfulness and capability.  python evaluate.py model=<folder or Hub id>  (conf/eval.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from sdd.evaluation.run import evaluate, markdown_summary
+
+    print(markdown_summary(evaluate(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Raw data: the one loader for Hub and local sources, and the demo corpus shipped in the package."""

