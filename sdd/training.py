@@ -58,6 +58,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = backbone.load_tokenizer()
     datamodule = instantiate(cfg.data)
     datamodule.connect(tokenizer)
+    if cfg.get("prepare_only"):  # build (and cache) the data set, e.g. on a CPU node before a GPU job
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        return _write_summary(output_dir, {"model_dir": None, "global_step": 0, "metrics": {}}, datamodule)
     module = instantiate(cfg.module, backbone=backbone)
 
     checkpoint_dir = output_dir / "checkpoints"
@@ -83,17 +87,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model_dir = output_dir / "model"
     saved_model = save_model(module.model, tokenizer, model_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    summary = {
-        "model_dir": str(model_dir),
-        "global_step": trainer.global_step,
-        "metrics": metrics,
-        "data": datamodule.stats,
-    }
-    manifest = getattr(datamodule, "manifest", None)
-    if manifest is not None:
-        summary["data_manifest"] = manifest
-        (output_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=2))
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    summary = _write_summary(
+        output_dir, {"model_dir": str(model_dir), "global_step": trainer.global_step, "metrics": metrics}, datamodule
+    )
     if not cfg.checkpoint.keep_after_fit:  # the saved folder is the product; optimizer state is large
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
@@ -101,6 +97,17 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         answers = generate(saved_model, tokenizer, list(cfg.sample_prompts), cfg.sample_max_new_tokens)
         summary["samples"] = [{"prompt": p, "answer": a} for p, a in zip(cfg.sample_prompts, answers)]
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_summary(output_dir: Path, summary: dict[str, Any], datamodule) -> dict[str, Any]:
+    """``train_summary.json`` (and ``data_manifest.json`` for built data sets) in the run folder."""
+    summary["data"] = datamodule.stats
+    manifest = getattr(datamodule, "manifest", None)
+    if manifest is not None:
+        summary["data_manifest"] = manifest
+        (output_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=2))
+    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -124,6 +131,9 @@ def save_model(model, tokenizer, model_dir: Path):
 
 def print_summary(summary: dict[str, Any]) -> None:
     """What a person wants to see at the end of a run."""
+    if summary["model_dir"] is None:
+        print(f"\nData prepared: {json.dumps(summary['data'])}")
+        return
     print(f"\nModel saved to: {summary['model_dir']}")
     loss = summary["metrics"].get("train/loss")
     if loss is not None:

@@ -81,11 +81,13 @@ def test_sharegpt_bad_turns_name_the_fix(tmp_path, tiny_tokenizer):
         module.setup()
 
 
-def test_attack_source_missing_from_demo_corpus_names_the_fix(tmp_path):
+def test_attack_source_missing_from_demo_corpus_names_the_fix(tmp_path, tiny_tokenizer):
     from hydra.utils import instantiate
 
     from conftest import compose_config
 
     cfg = compose_config("attack", ["model=some/model"], output_dir=tmp_path)
-    with pytest.raises(Exception, match="corpus=local"):  # hydra wraps it, our message inside
-        instantiate(cfg.data)
+    module = instantiate(cfg.data)
+    module.connect(tiny_tokenizer)
+    with pytest.raises(DataSourceError, match=r"corpus\.advbench\.path=.*corpus=local"):
+        module.setup()

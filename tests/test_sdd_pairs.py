@@ -73,9 +73,11 @@ def test_pairs_are_balanced_over_categories(sources, tmp_path):
 
 
 def test_repeats_instructions_only_when_exhausted(sources, tmp_path):
-    pairs, manifest = make_builder(sources, tmp_path, num_pairs=50).build(CountingEmbedder())
-    assert len(pairs) == 50
-    assert manifest["repeated_instructions"] == 50 - 40
+    pairs, manifest = make_builder(sources, tmp_path, num_pairs=80).build(CountingEmbedder())
+    assert len(pairs) == 80
+    assert manifest["repeated_instructions"] == 80 - 40
+    # Repeats go to the categories below their quota (20 each), so the set stays balanced.
+    assert manifest["rows_per_category"] == {c: 20 for c in sorted(CATEGORIES)}
 
 
 def test_threshold_is_honoured_or_fallback_counted(sources, tmp_path):

@@ -100,3 +100,13 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_train_config, monkeypatch)
     assert recorder.first_step == 4  # resumed from the step-4 checkpoint, not from scratch
     assert summary["global_step"] == 10
     assert Path(summary["model_dir"], "config.json").exists()
+
+
+def test_prepare_only_builds_the_data_set_and_stops(tiny_train_config):
+    cfg = tiny_train_config("prepare_only=true")
+    summary = train(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    assert summary["model_dir"] is None and not (output_dir / "model").exists()
+    assert summary["data"]["train_examples"] == cfg.data.num_examples
+    manifest = json.loads((output_dir / "data_manifest.json").read_text())
+    assert sum(manifest["rows_per_category"].values()) == cfg.data.num_examples

@@ -154,7 +154,11 @@ def _load_dataset(source: DataSource):
                 "object per line for jsonl, a JSON list of objects for json, a header row for csv)."
             ) from error
     if not source.hub_id:
-        raise DataSourceError(f"{source.name}: neither path nor hub_id is set. Set {source.name}.path to a local file.")
+        raise DataSourceError(
+            f"{source.name}: neither path nor hub_id is set (the demo corpus has no attack data). Set "
+            f"{source.name}.path=<local file> (columns {sorted(source.columns.values())}), or choose a corpus "
+            "that has it: corpus=local paths.data_dir=<folder>, or corpus=hub."
+        )
     try:
         return datasets.load_dataset(source.hub_id, source.hub_config, data_files=source.data_files,
                                      split=source.split)

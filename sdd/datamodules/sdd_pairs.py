@@ -203,14 +203,13 @@ def balanced_sample(
         for category in names:
             if shortfall > 0:
                 shortfall -= take(category, 1)
-    repeats = 0
-    if shortfall > 0:  # every unique instruction is used: repeat them, still round-robin over categories
-        all_taken = [(c, i) for c in names for i in taken[c]]
-        order = rng.permutation(len(all_taken))
-        extra = [all_taken[order[k % len(all_taken)]] for k in range(shortfall)]
-        for category, index in extra:
-            taken[category].append(index)
-        repeats = shortfall
+    repeats = shortfall
+    if shortfall > 0:  # every unique instruction is used: repeat each category's own up to its quota
+        unique = {c: list(taken[c]) for c in names}
+        while shortfall > 0:  # one more to the category furthest below its quota, and again
+            category = min((c for c in names if unique[c]), key=lambda c: (len(taken[c]) - quota[c], c))
+            taken[category].append(unique[category][len(taken[category]) % len(unique[category])])
+            shortfall -= 1
         log.warning("Only %d unique harmful instructions for %d pairs: %d are repeated", len(used), num, repeats)
     sampled = [dict(instructions[i], category=c) for c in names for i in taken[c]]
     order = rng.permutation(len(sampled))
