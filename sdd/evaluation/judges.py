@@ -152,3 +152,29 @@ class ModerationJudge:
             "flagged_rate": 100.0 * sum(v["flagged"] for v in verdicts) / n,
             "mean_harmful_prob": float(np.mean([v["moderation_harmful_prob"] for v in verdicts])) if verdicts else 0.0,
         }
+
+
+class RubricHarmfulnessJudge:
+    """The paper's judge: an LLM rates each answer 1-5 with the HEx-PHI rubric (see :mod:`rubric_judge`).
+
+    Takes the arguments of :class:`sdd.evaluation.rubric_judge.RubricJudge` (endpoint, model, the
+    name of the key's environment variable, cache, retries, concurrency).
+    """
+
+    name = "rubric"
+
+    def __init__(self, **kwargs: Any) -> None:
+        from sdd.evaluation.rubric_judge import RubricJudge
+
+        self.rubric = RubricJudge(**kwargs)
+
+    def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
+        from dataclasses import asdict
+
+        return [asdict(v) for v in self.rubric.judge(list(zip(prompts, answers)))]
+
+    @staticmethod
+    def summarize(verdicts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        from sdd.evaluation.rubric_judge import summarize
+
+        return summarize(verdicts)

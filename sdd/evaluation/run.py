@@ -47,10 +47,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
         for row, answer in zip(rows, answers):
             row["answer"] = answer
+        _write_jsonl(output_dir / "generations.jsonl", rows)  # kept even if a judge fails below
         results["harmfulness"] = judge_generations(rows, judges)
-        with open(output_dir / "generations.jsonl", "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _write_jsonl(output_dir / "generations.jsonl", rows)
     if cfg.eval.capability.enabled:
         from sdd.evaluation.capability import evaluate_capability
 
@@ -65,6 +64,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     (output_dir / "summary.md").write_text(markdown_summary(results))
     log.info("Results written to %s", output_dir)
     return results
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _cuda() -> bool:

@@ -1,0 +1,1 @@
+"""Evaluation: harmfulness judges and capability benchmarks."""
