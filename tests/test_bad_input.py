@@ -96,3 +96,11 @@ def test_backbone_not_found_names_the_fix(tmp_path):
 def test_unknown_backbone_source():
     with pytest.raises(BackboneError, match="backbone.source"):
         Backbone(name="x", source="ollama")
+
+
+def test_unmapped_required_column(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"prompt": "p"}) + "\n")
+    with pytest.raises(DataSourceError, match=r"corpus\.refusals\.columns\.answer="):
+        load_records({"name": "corpus.refusals", "path": str(path), "columns": {"instruction": "prompt"}},
+                     required=["instruction", "answer"])

@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,25 @@ class DataSource:
         return hashlib.sha256(spec.encode()).hexdigest()
 
 
-def load_records(source: DataSource | Mapping[str, Any], name: str | None = None) -> list[dict[str, Any]]:
+def load_records(
+    source: DataSource | Mapping[str, Any], name: str | None = None, required: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Load a source as a list of records keyed by our column names.
+
+    Args:
+        required: our column names the caller needs; a source that does not map one is an error.
 
     Raises:
         DataSourceError: missing file, unknown format, malformed file, missing column, a filter that
             leaves nothing, or a Hub data set that cannot be reached.
     """
     source = DataSource.from_config(source, name)
+    unmapped = [c for c in required if c not in source.columns]
+    if unmapped:
+        raise DataSourceError(
+            f"{source.name}: no mapping for column(s) {unmapped}. Fix: {source.name}.columns.{unmapped[0]}="
+            "<the column in your file>."
+        )
     dataset = _load_dataset(source)
     missing_filters = [c for c in source.where if c not in dataset.column_names]
     if missing_filters:

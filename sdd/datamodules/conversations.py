@@ -188,13 +188,7 @@ class InstructionAnswerDataModule(ConversationDataModule):
 
     def build_conversations(self) -> list[Conversation]:
         if self._conversations is None:
-            records = load_records(self.source)
-            missing = [c for c in ("instruction", "answer") if c not in records[0]]
-            if missing:
-                raise DataSourceError(
-                    f"{self.source.name}: no mapping for column(s) {missing}. Fix: "
-                    f"{self.source.name}.columns.{missing[0]}=<the column in your file>."
-                )
+            records = load_records(self.source, required=["instruction", "answer"])
             self._conversations = [
                 instruction_answer(str(r["instruction"]), self.answer_prefix + str(r["answer"])) for r in records
             ]
@@ -237,12 +231,7 @@ class MultiTurnDataModule(ConversationDataModule):
 
     def build_conversations(self) -> list[Conversation]:
         if self._conversations is None:
-            records = load_records(self.source)
-            if "conversations" not in records[0]:
-                raise DataSourceError(
-                    f"{self.source.name}: no mapping for column 'conversations'. Fix: "
-                    f"{self.source.name}.columns.conversations=<the column holding the turns>."
-                )
+            records = load_records(self.source, required=["conversations"])
             conversations = [self._convert(r["conversations"]) for r in records]
             self._conversations = [c for c in conversations if c]
             self.skipped = len(conversations) - len(self._conversations)

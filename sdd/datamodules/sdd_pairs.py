@@ -309,13 +309,13 @@ class SDDPairBuilder:
 
     def _build(self, embed: Embedder) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         started = time.time()
-        harmful = _require_columns(load_records(self.harmful), self.harmful, ["instruction"])
+        harmful = load_records(self.harmful, required=["instruction"])
         harmful = _dedupe([r for r in harmful if str(r["instruction"]).strip()], "instruction")
         if not harmful:
             raise DataSourceError(f"{self.harmful.name}: no non-empty instruction.")
         answer_pool: list[dict[str, Any]] = []
         for source in self.answers:
-            rows = _require_columns(load_records(source), source, ["answer"])
+            rows = load_records(source, required=["answer"])
             answer_pool += [{"answer": str(r["answer"]).strip(), "source": source.name.rsplit(".", 1)[-1]}
                             for r in rows]
         answer_pool = _dedupe([a for a in answer_pool if len(a["answer"]) >= self.min_answer_chars], "answer")
@@ -373,16 +373,6 @@ class SDDPairBuilder:
             "build_seconds": round(time.time() - started, 2),
         }
         return pairs, manifest
-
-
-def _require_columns(records: list[dict[str, Any]], source: DataSource, needed: list[str]) -> list[dict[str, Any]]:
-    missing = [c for c in needed if c not in records[0]]
-    if missing:
-        raise DataSourceError(
-            f"{source.name}: no mapping for column(s) {missing}. Fix: {source.name}.columns."
-            f"{missing[0]}=<the column in your file>."
-        )
-    return records
 
 
 def _dedupe(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:

@@ -84,12 +84,7 @@ def load_prompt_sets(prompt_sets: dict[str, Any], max_per_set: int | None) -> li
     for set_name, source in (prompt_sets or {}).items():
         if source is None:
             continue
-        records = load_records(source, name=f"eval.harmfulness.prompt_sets.{set_name}")
-        if "prompt" not in records[0]:
-            raise DataSourceError(
-                f"eval.harmfulness.prompt_sets.{set_name}: no mapping for column 'prompt'. Fix: "
-                f"eval.harmfulness.prompt_sets.{set_name}.columns.prompt=<the column in your file>."
-            )
+        records = load_records(source, name=f"corpus.eval_prompts.{set_name}", required=["prompt"])
         if max_per_set is not None:
             records = records[:max_per_set]
         for record in records:
