@@ -2,8 +2,8 @@
 
 The key check: the harness's accuracy equals an accuracy computed here by hand with the same model,
 scoring each choice by its log-likelihood after the prompt written out as the task YAML formats it.
-A second model with a zeroed output layer (every token equally likely) gives accuracies known
-without running any model, to pin the plumbing down independently of the hand computation.
+A second model with a zeroed output layer (every token equally likely) has accuracies that follow
+from the data alone, which pins the plumbing down independently of the hand computation.
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ def tokenizer_texts() -> list[str]:
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matrices: OpenMP threads only add contention (several x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     """A byte-level BPE tokenizer trained on this file's texts (no BOS is added on encode)."""
@@ -90,9 +99,11 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
+    # A wide init (default 0.02) makes the random model's answer depend on the whole prompt, not
+    # mostly on its last token, so a prompt formatted differently would change its predictions.
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.5,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -145,7 +156,7 @@ def openbookqa_rows(gold: list[int]) -> list[dict]:
 # --------------------------------------------------------------------------- tests
 
 
-def test_harness_accuracy_matches_hand_computed(model, tokenizer, tmp_path):
+def test_harness_accuracy_matches_hand_computed(model, tokenizer, tmp_path, monkeypatch):
     # Hand-computed predictions of this model on the prompts as our YAMLs format them.
     mmlu_lls = [choice_logliks(model, tokenizer, mmlu_prompt(s, q, c), LETTERS) for s, q, c in MMLU]
     obqa_lls = [choice_logliks(model, tokenizer, stem, c) for stem, c, _ in OPENBOOKQA]
@@ -165,6 +176,18 @@ def test_harness_accuracy_matches_hand_computed(model, tokenizer, tmp_path):
     hand_obqa_acc_norm = sum(p == g for p, g in zip(obqa_pred_norm, obqa_gold)) / len(OPENBOOKQA)
     assert (hand_mmlu_acc, hand_obqa_acc) == (4 / 6, 3 / 5)
 
+    # Record what the harness scores (behaviour unchanged) to compare prompts and log-likelihoods too.
+    from lm_eval.models.huggingface import HFLM
+
+    scored: dict[tuple[str, str], float] = {}
+    loglikelihood = HFLM.loglikelihood
+
+    def recording_loglikelihood(self, requests, *args, **kwargs):
+        results = loglikelihood(self, requests, *args, **kwargs)
+        scored.update({tuple(r.args): ll for r, (ll, _) in zip(requests, results)})
+        return results
+
+    monkeypatch.setattr(HFLM, "loglikelihood", recording_loglikelihood)
     model.train()  # evaluate_capability must give it back in the mode it found it
     result = evaluate_capability(
         model, tokenizer,
@@ -184,6 +207,16 @@ def test_harness_accuracy_matches_hand_computed(model, tokenizer, tmp_path):
     import lm_eval
 
     assert result["lm_eval_version"] == lm_eval.__version__
+
+    # The harness scored exactly our prompts and continuations, with the same log-likelihoods.
+    expected = {}
+    for (s, q, c), lls in zip(MMLU, mmlu_lls):
+        expected.update({(mmlu_prompt(s, q, c), f" {letter}"): ll for letter, ll in zip(LETTERS, lls)})
+    for (stem, c, _), lls in zip(OPENBOOKQA, obqa_lls):
+        expected.update({(stem, f" {choice}"): ll for choice, ll in zip(c, lls)})
+    assert set(scored) == set(expected)
+    for key, ll in expected.items():
+        assert scored[key] == pytest.approx(ll, abs=1e-4), key
 
 
 def test_rigged_uniform_model(uniform_model, tokenizer, tmp_path):
@@ -280,3 +313,74 @@ def test_malformed_row_and_too_many_shots(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="num_fewshot=6"):
         evaluate_capability(model, tokenizer, {"mmlu": write_jsonl(tmp_path / "mmlu.jsonl", mmlu_rows([0] * 6))},
                             num_fewshot=6, device="cpu")
+
+
+def test_hub_tasks_use_stock_lm_eval_tasks(model, tokenizer, tmp_path, monkeypatch):
+    """"hub" selects lm-eval's stock task (no download here: the harness entry points are faked)."""
+    import lm_eval.evaluator
+    import lm_eval.tasks
+
+    seen = {}
+
+    class FakeTaskManager:
+        def __init__(self, include_path=None, include_defaults=True, **kwargs):
+            seen["include"] = (include_path, include_defaults)
+
+    def fake_simple_evaluate(model, tasks, **kwargs):
+        seen["tasks"], seen["kwargs"] = tasks, kwargs
+        return {"results": {  # the shape of lm-eval 0.4.13's results (a group, a task, a local task)
+            "mmlu": {"name": "mmlu", "alias": "mmlu", "sample_len": 14042, "acc,none": 0.25, "acc_stderr,none": "N/A"},
+            "mmlu_anatomy": {"alias": "anatomy", "sample_len": 135, "acc,none": 0.3},
+            "hellaswag": {"alias": "hellaswag", "sample_len": 10042, "acc,none": 0.3, "acc_norm,none": 0.35},
+            "sdd_openbookqa_local": {"alias": "sdd_openbookqa_local", "sample_len": 5, "acc,none": 0.2, "acc_norm,none": 0.4},
+        }}
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeTaskManager)
+    monkeypatch.setattr(lm_eval.evaluator, "simple_evaluate", fake_simple_evaluate)
+    result = evaluate_capability(
+        model, tokenizer,
+        {"mmlu": "hub", "hellaswag": "HUB", "openbookqa": write_jsonl(tmp_path / "o.jsonl", openbookqa_rows([0] * 5))},
+        batch_size=2, limit=3, num_fewshot=1,
+    )
+    assert seen["tasks"][:2] == ["mmlu", "hellaswag"]
+    assert seen["tasks"][2]["task"] == "sdd_openbookqa_local"
+    assert seen["include"][1] is True and Path(seen["include"][0]).name == "lm_eval_tasks"
+    assert (seen["kwargs"]["limit"], seen["kwargs"]["num_fewshot"]) == (3, 1)
+    assert result["mmlu"] == {"acc": 0.25, "acc_norm": None, "num_samples": 14042}
+    assert result["hellaswag"] == {"acc": 0.3, "acc_norm": 0.35, "num_samples": 10042}
+    assert result["openbookqa"] == {"acc": 0.2, "acc_norm": 0.4, "num_samples": 5}
+
+
+def test_all_local_tasks_run_with_fewshot(model, tokenizer, tmp_path):
+    """Every shipped task YAML runs end to end (ARC as CSV, MMLU as parquet), with one shot."""
+    import pandas as pd
+
+    parquet = tmp_path / "mmlu.parquet"
+    pd.DataFrame(mmlu_rows([0, 1, 2])).to_parquet(parquet)
+    arc = tmp_path / "arc.csv"
+    with arc.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "question", "choices", "answerKey"])
+        writer.writeheader()
+        for i, (question, key) in enumerate([("Which is a gas?", "2"), ("Which is solid?", "1"), ("Which is hot?", "2")]):
+            writer.writerow({"id": i, "question": question, "answerKey": key,
+                             "choices": json.dumps({"text": ["ice", "steam"], "label": ["1", "2"]})})
+    hellaswag = write_jsonl(tmp_path / "hellaswag.jsonl", [
+        {"activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "then", "ctx": "She mixes the flour. then",
+         "endings": ["she bakes it.", "she swims [title] away.", "the sun sets."], "label": "0"},
+        {"ctx": "He opens the door and", "endings": ["walks in.", "eats the door.", "sings loudly."], "label": 0},
+    ])
+    truthfulqa = write_jsonl(tmp_path / "truthfulqa.jsonl", [
+        {"question": "Is the sun a star?", "mc1_targets": {"choices": ["Yes", "No"], "labels": [1, 0]}},
+        {"question": "Can pigs fly?", "mc1_targets": {"choices": ["Yes", "No", "Only on Sundays"], "labels": [0, 1, 0]}},
+    ])
+    result = evaluate_capability(
+        model, tokenizer,
+        {"mmlu": parquet, "openbookqa": write_jsonl(tmp_path / "o.jsonl", openbookqa_rows([0, 1, 2, 3, 0])),
+         "arc_challenge": arc, "hellaswag": hellaswag, "truthfulqa_mc1": truthfulqa},
+        num_fewshot=1, batch_size=16,
+    )
+    sizes = {"mmlu": 3, "openbookqa": 5, "arc_challenge": 3, "hellaswag": 2, "truthfulqa_mc1": 2}
+    for name, size in sizes.items():
+        assert result[name]["num_samples"] == size
+        assert 0.0 <= result[name]["acc"] <= 1.0
+        assert (result[name]["acc_norm"] is None) == (name in ("mmlu", "truthfulqa_mc1"))

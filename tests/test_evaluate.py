@@ -70,3 +70,20 @@ def test_evaluate_with_the_rubric_judge_on_a_local_endpoint(tmp_path, cache_dir,
     assert overall["num_valid"] == 3 and endpoint.count == 3
     evaluate(cfg)  # a rerun is served from the on-disk cache
     assert endpoint.count == 3
+
+
+def test_evaluate_runs_capability_tasks_from_local_files(tmp_path, cache_dir, tiny_backbone):
+    mmlu = tmp_path / "mmlu.jsonl"
+    rows = [{"subject": "astronomy", "question": f"Which planet is number {i}?",
+             "choices": ["Mercury", "Venus", "Earth", "Mars"], "answer": i % 4} for i in range(4)]
+    mmlu.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_config(
+        "eval",
+        [f"model={tiny_backbone.resolve()}", "eval.harmfulness.enabled=false", "eval.capability.enabled=true",
+         f"eval.capability.tasks.mmlu={mmlu}"],
+        output_dir=tmp_path / "eval", cache_dir=cache_dir,
+    )
+    results = evaluate(cfg)
+    assert results["capability"]["mmlu"]["num_samples"] == 4
+    assert 0.0 <= results["capability"]["mmlu"]["acc"] <= 1.0
+    assert "| mmlu |" in (Path(cfg.paths.output_dir) / "summary.md").read_text()

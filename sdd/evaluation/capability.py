@@ -44,6 +44,9 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "truthfulqa_mc1": ("question", "mc1_targets"),
 }
 
+# Columns the prompts also use when a file has them.
+OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {"mmlu": ("subject",), "hellaswag": ("activity_label", "ctx_a", "ctx_b")}
+
 # File suffix -> datasets packaged builder (lm-eval's dataset_path).
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -78,10 +81,10 @@ def evaluate_capability(
 
     Returns:
         ``{task: {"acc": float, "acc_norm": float | None, "num_samples": int}, ...,
-        "lm_eval_version": str}``. ``acc_norm`` (choice log-likelihood divided by its length in
-        characters) is None where the task does not report it (MMLU and TruthfulQA MC1, whose
-        choices are letters or where lm-eval's task has none). For ``"hub"`` MMLU, ``acc`` is
-        lm-eval's group score (mean over all questions).
+        "lm_eval_version": str}``. ``acc_norm`` ranks choices by log-likelihood per character; it
+        is None for MMLU and TruthfulQA MC1, which lm-eval scores by ``acc`` only. ``num_samples``
+        is the number of questions scored (after ``limit``). For ``"hub"`` MMLU the numbers are
+        lm-eval's ``mmlu`` group: ``acc`` over all 57 subjects' questions.
 
     Raises:
         ValueError: An unknown task name, an unsupported file type, no tasks, or a file lacking a
@@ -138,7 +141,7 @@ def evaluate_capability(
         results[name] = {
             "acc": _metric(metrics, "acc"),
             "acc_norm": _metric(metrics, "acc_norm"),
-            "num_samples": int(metrics.get("sample_len") or output.get("n-samples", {}).get(key, {}).get("effective", 0)),
+            "num_samples": int(metrics["sample_len"]),  # tasks and groups alike
         }
         log.info("capability %s: acc=%s acc_norm=%s n=%d", name, results[name]["acc"],
                  results[name]["acc_norm"], results[name]["num_samples"])
@@ -163,7 +166,8 @@ def local_task_config(name: str, path: str | Path, num_fewshot: int = 0) -> dict
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: Unknown task, unsupported suffix, missing columns or a malformed first row.
+        ValueError: Unknown task, unsupported suffix, unreadable or empty file, missing columns, a
+            malformed row, or more shots than the file can give.
     """
     if name not in KNOWN_TASKS:
         raise ValueError(f"Unknown capability task {name!r}; known tasks: {sorted(KNOWN_TASKS)}")
@@ -199,10 +203,16 @@ def _check_file(name: str, path: Path, builder: str) -> int:
     """The number of rows of ``path``; a ValueError naming the expected columns if it cannot feed ``name``."""
     import datasets
 
-    # The same call lm-eval makes (it reuses this load from the datasets cache).
-    dataset = datasets.load_dataset(builder, data_files={"test": str(path)}, split="test")
-    expected = REQUIRED_COLUMNS[name]
     where = f"Capability task {name!r}: {path} (eval.capability.tasks.{name})"
+    if path.stat().st_size == 0:  # datasets fails on it with a bare StopIteration
+        raise ValueError(f"{where} is empty.")
+    try:
+        # The same call lm-eval makes (it then reuses this load from the datasets cache).
+        dataset = datasets.load_dataset(builder, data_files={"test": str(path)}, split="test")
+    except Exception as err:  # datasets' own message is a generic "error while generating"
+        cause = err.__cause__ or err
+        raise ValueError(f"{where} cannot be read as {builder}: {type(cause).__name__}: {cause}") from err
+    expected = REQUIRED_COLUMNS[name]
     missing = [c for c in expected if c not in dataset.column_names]
     if missing:
         raise ValueError(
@@ -211,21 +221,26 @@ def _check_file(name: str, path: Path, builder: str) -> int:
         )
     if len(dataset) == 0:
         raise ValueError(f"{where} holds no rows.")
+    # Every row, here, so that a bad one is reported with its file and index instead of failing
+    # later inside lm-eval's dataset.map.
     normalize = _task_utils().NORMALIZERS[name]
-    try:
-        normalize(dataset[0])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"{where}: row 0 does not fit the {KNOWN_TASKS[name][2]} layout (columns {list(expected)}): {err}"
-        ) from err
+    used = [c for c in dataset.column_names if c in expected or c in OPTIONAL_COLUMNS.get(name, ())]
+    for index, row in enumerate(dataset.select_columns(used)):
+        try:
+            normalize(row)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"{where}: row {index} does not fit the {KNOWN_TASKS[name][2]} layout "
+                f"(columns {list(expected)}): {err}"
+            ) from err
     return len(dataset)
 
 
 def _load_task_yaml(path: Path) -> dict[str, Any]:
     """A task YAML as lm-eval reads it (``!function`` resolved relative to the YAML)."""
     try:
-        from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval >= 0.4.10
-    except ImportError:  # earlier 0.4.x
+        from lm_eval.tasks._yaml_loader import load_yaml  # the loader of lm-eval 0.4.13
+    except ImportError:  # older 0.4.x releases
         from lm_eval.utils import load_yaml_config
 
         return load_yaml_config(str(path), mode="full")

@@ -54,7 +54,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         from sdd.evaluation.capability import evaluate_capability
 
         results["capability"] = evaluate_capability(
-            model, tokenizer, dict(cfg.eval.capability.tasks),
+            model, tokenizer, {name: path for name, path in cfg.eval.capability.tasks.items() if path},
             batch_size=cfg.eval.capability.batch_size, limit=cfg.eval.capability.limit,
             num_fewshot=cfg.eval.capability.num_fewshot,
         )
