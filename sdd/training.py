@@ -49,6 +49,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         ``model_dir`` (the saved transformers folder), the final ``train/loss`` and data statistics.
     """
+    check_strategy(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
@@ -85,7 +86,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     model_dir = output_dir / "model"
-    saved_model = save_model(module.model, tokenizer, model_dir)
+    saved_model = save_trained_model(trainer, module, tokenizer, model_dir)
+    if not trainer.is_global_zero:
+        return {"model_dir": str(model_dir), "global_step": trainer.global_step}
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary = _write_summary(
         output_dir, {"model_dir": str(model_dir), "global_step": trainer.global_step, "metrics": metrics}, datamodule
@@ -93,11 +96,61 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.checkpoint.keep_after_fit:  # the saved folder is the product; optimizer state is large
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
-    if cfg.get("sample_prompts"):
+    if cfg.get("sample_prompts") and saved_model is not None:
         answers = generate(saved_model, tokenizer, list(cfg.sample_prompts), cfg.sample_max_new_tokens)
         summary["samples"] = [{"prompt": p, "answer": a} for p, a in zip(cfg.sample_prompts, answers)]
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """Refuse, with the fix, a DeepSpeed trainer that cannot run here, before anything is loaded."""
+    strategy = cfg.trainer.get("strategy")
+    if not isinstance(strategy, DictConfig) or "DeepSpeed" not in str(strategy.get("_target_", "")):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "DeepSpeed needs CUDA GPUs and none is visible on this machine. Use trainer=cpu here, or run "
+            "this config on a GPU node (e.g. through hydra/launcher=slurm)."
+        )
+    if strategy.get("offload_optimizer") and "DeepSpeedCPUAdam" not in str(cfg.optimizer.get("_target_")):
+        raise ValueError("ZeRO optimizer offload needs DeepSpeed's CPU Adam: add optimizer=deepspeed_cpu_adam.")
+    if strategy.get("stage") == 3 and cfg.module.get("lora"):
+        raise ValueError("LoRA under ZeRO-3 is not supported: use trainer=deepspeed_zero2 for LoRA attacks.")
+
+
+def save_trained_model(trainer: L.Trainer, module, tokenizer, model_dir: Path):
+    """Save the trained model from rank 0, consolidating ZeRO-3 shards first.
+
+    Returns:
+        The saved model on rank 0, else None.
+    """
+    state_dict = None
+    if getattr(trainer.strategy, "zero_stage_3", False):
+        # Collective: every rank sends its shards, rank 0 gets the full 16-bit state dict on CPU.
+        consolidated = trainer.strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
+        if trainer.is_global_zero:
+            state_dict = _strip_wrapper_prefix(consolidated, module.model.state_dict().keys())
+    saved = save_model(module.model, tokenizer, model_dir, state_dict) if trainer.is_global_zero else None
+    trainer.strategy.barrier("save_trained_model")
+    return saved
+
+
+def _strip_wrapper_prefix(state_dict: dict[str, Any], model_keys) -> dict[str, Any]:
+    """Map ``_forward_module.model.<key>`` (the engine's names) back to the transformers model's keys."""
+    wanted = set(model_keys)
+    renamed = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in wanted), None)
+        if match is not None:
+            renamed[match] = value
+    missing = wanted - set(renamed)
+    if missing:
+        raise RuntimeError(f"Consolidated ZeRO-3 state dict lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    return renamed
 
 
 def _write_summary(output_dir: Path, summary: dict[str, Any], datamodule) -> dict[str, Any]:
@@ -111,22 +164,23 @@ def _write_summary(output_dir: Path, summary: dict[str, Any], datamodule) -> dic
     return summary
 
 
-def save_model(model, tokenizer, model_dir: Path):
+def save_model(model, tokenizer, model_dir: Path, state_dict: dict[str, Any] | None = None):
     """Save model and tokenizer as a plain transformers folder (loads with ``from_pretrained``).
 
     LoRA adapters are merged into the weights first, so the folder is a complete model.
+    ``state_dict`` replaces the model's own (the consolidated weights of a sharded run).
 
     Returns:
-        The saved (merged) model.
+        The saved (merged) model, or None when weights came from ``state_dict``.
     """
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
+    model.save_pretrained(model_dir, state_dict=state_dict)
     tokenizer.save_pretrained(model_dir)
-    return model
+    return None if state_dict is not None else model  # a sharded model cannot generate on one rank
 
 
 def print_summary(summary: dict[str, Any]) -> None:

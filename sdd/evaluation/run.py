@@ -35,7 +35,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = cfg.eval.device or ("cuda" if _cuda() else "cpu")
     model.to(device).eval()
 
-    results: dict[str, Any] = {"model": backbone.resolve() if backbone.source == "pretrained" else backbone.name}
+    results: dict[str, Any] = {
+        "model": backbone.resolve() if backbone.source == "pretrained" else backbone.name,
+        "device": device,
+    }
     if cfg.eval.harmfulness.enabled:
         rows = load_prompt_sets(cfg.eval.harmfulness.prompt_sets, cfg.eval.harmfulness.max_prompts_per_set)
         answers = generate(

@@ -53,6 +53,11 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        if getattr(self._trainer, "strategy", None) is not None and getattr(self.trainer.strategy, "zero_stage_3", False):
+            # Makes from_pretrained ZeRO-3 aware: weights are loaded shard by shard, never whole per rank.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed_config = HfDeepSpeedConfig(self.trainer.strategy.config)
         self.model = self.backbone.load_model()
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -64,6 +69,14 @@ class SFTModule(L.LightningModule):
                 self.model.enable_input_require_grads()  # frozen embeddings would cut the graph
             self.model = get_peft_model(self.model, LoraConfig(task_type="CAUSAL_LM", **dict(self.hparams.lora)))
         self.model.train()
+
+    def teardown(self, stage: str) -> None:
+        if getattr(self, "_hf_deepspeed_config", None) is not None:
+            # Later from_pretrained calls in this process (evaluation, tests) must load whole models again.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._hf_deepspeed_config = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the batch's answer tokens."""
