@@ -41,7 +41,7 @@ def finish_loggers() -> None:
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
-    """Train the defense of ``cfg`` and save the defended model.
+    """Fit the model of ``cfg`` on its data and save it as a transformers folder.
 
     A run killed midway resumes from ``<output_dir>/checkpoints/last.ckpt`` when started again with
     the same output directory (``hydra.run.dir=<that run's folder>``), or from ``ckpt_path``.

@@ -30,6 +30,7 @@ import re
 import sqlite3
 import threading
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -202,7 +203,7 @@ def summarize(verdicts: Iterable[JudgeVerdict | Mapping[str, Any]]) -> dict[str,
     """
     scores, num_invalid, num_failed = [], 0, 0
     for verdict in verdicts:
-        get = verdict.get if isinstance(verdict, Mapping) else lambda name: getattr(verdict, name)
+        get = verdict.get if isinstance(verdict, Mapping) else partial(getattr, verdict)
         if get("error") is not None:
             num_failed += 1
         elif get("valid") and get("score") is not None:
