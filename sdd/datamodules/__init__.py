@@ -8,11 +8,13 @@ from sdd.datamodules.conversations import (
 )
 from sdd.datamodules.sdd import SDD_REJECT_PREFIX, SDDDataModule
 from sdd.datamodules.sdd_pairs import IrrelevantAnswerMatcher, SDDPairBuilder
+from sdd.datamodules.streams import MultiStreamDataModule
 
 __all__ = [
     "ConversationDataModule",
     "InstructionAnswerDataModule",
     "IrrelevantAnswerMatcher",
+    "MultiStreamDataModule",
     "MultiTurnDataModule",
     "PadCollator",
     "SDDDataModule",

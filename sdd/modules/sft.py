@@ -97,8 +97,7 @@ class SFTModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
-        tokens = batch["attention_mask"].sum().item()
-        self.log("train/tokens_per_second", tokens / max(elapsed, 1e-9), batch_size=batch["input_ids"].shape[0])
+        self.log("train/tokens_per_second", count_tokens(batch) / max(elapsed, 1e-9), batch_size=1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
@@ -117,3 +116,10 @@ class SFTModule(L.LightningModule):
             num_training_steps=total,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def count_tokens(batch: Any) -> int:
+    """Non-padding tokens in a batch, or in every stream of a ``{stream: batch}`` dict."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum().item())
+    return sum(count_tokens(stream) for stream in batch.values() if isinstance(stream, dict))
