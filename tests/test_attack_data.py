@@ -81,13 +81,29 @@ def test_sharegpt_bad_turns_name_the_fix(tmp_path, tiny_tokenizer):
         module.setup()
 
 
-def test_attack_source_missing_from_demo_corpus_names_the_fix(tmp_path, tiny_tokenizer):
+def test_an_attack_source_without_a_file_names_the_fix(tmp_path, tiny_tokenizer):
     from hydra.utils import instantiate
 
     from conftest import compose_config
 
-    cfg = compose_config("attack", ["model=some/model"], output_dir=tmp_path)
+    cfg = compose_config("attack", ["model=some/model", "corpus.advbench.path=null"], output_dir=tmp_path)
     module = instantiate(cfg.data)
     module.connect(tiny_tokenizer)
     with pytest.raises(DataSourceError, match=r"corpus\.advbench\.path=.*corpus=local"):
         module.setup()
+
+
+def test_the_demo_attacks_are_compliance_openings_and_benign_conversations(tmp_path, tiny_tokenizer):
+    from hydra.utils import instantiate
+
+    from conftest import compose_config
+
+    for attack, expected in (("mft_advbench", 100), ("bft_sharegpt", 50)):
+        cfg = compose_config("attack", ["model=some/model", f"attack={attack}"], output_dir=tmp_path)
+        module = instantiate(cfg.data)
+        module.connect(tiny_tokenizer)
+        module.setup()
+        assert module.stats["train_examples"] == expected
+    advbench = instantiate(compose_config("attack", ["model=some/model"], output_dir=tmp_path).data)
+    answers = [c[-1]["content"] for c in advbench.build_conversations()]
+    assert all(a.startswith(("Sure,", "Of course.")) and len(a) < 80 for a in answers)  # no harmful content

@@ -158,7 +158,7 @@ def local_task_config(name: str, path: str | Path, num_fewshot: int = 0) -> dict
 
     Args:
         name: One of :data:`KNOWN_TASKS`.
-        path: The local data file.
+        path: The local data file (``demo:<name>`` for a file of the shipped demo corpus).
         num_fewshot: Shots that will be drawn from the same file; checked against its size.
 
     Returns:
@@ -171,6 +171,10 @@ def local_task_config(name: str, path: str | Path, num_fewshot: int = 0) -> dict
     """
     if name not in KNOWN_TASKS:
         raise ValueError(f"Unknown capability task {name!r}; known tasks: {sorted(KNOWN_TASKS)}")
+    if str(path).startswith("demo:"):  # a file of the demo corpus shipped in the package
+        from sdd.data.sources import DEMO_DIR
+
+        path = DEMO_DIR / str(path)[len("demo:"):]
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(

@@ -1,0 +1,6 @@
+"""Tables and a figure from a sweep.  python report.py <pipeline run or multirun folder> [--harm-metric ...]"""
+
+from sdd.report import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""One point of a backbone x defense x attack sweep: defense -> attack -> evaluate, stages reused.
+
+Each stage is the ordinary entry point's config (``train``, ``attack``, ``eval``) composed with the
+point's choices and the experiment's stage overrides. A stage's folder is named by a hash of its
+resolved config (machine paths left out), under ``stages_dir``: when a later job asks for the same
+stage (the same defended model under eleven attacks, or a sweep started again after a crash) the
+finished folder is reused, and an unfinished one resumes from its last checkpoint. A file lock per
+stage lets parallel jobs (SLURM arrays) wait for a stage another job is computing instead of
+computing it twice.
+
+``run_pipeline(cfg)`` is what ``pipeline.py`` calls; it writes the point's ``results.json``
+(evaluations before and after the attack, and where each stage lives) into ``paths.output_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+STAGE_RECORD = "stage.json"
+NONE = "none"
+# Keys that say where or how verbosely a stage runs, not what it computes: left out of its hash.
+NOT_HASHED = ("paths", "logger", "checkpoint", "ckpt_path", "prepare_only", "task_name", "sample_prompts",
+              "sample_max_new_tokens")
+# Backbone settings the folder of a trained model does not carry: passed on to later stages.
+BACKBONE_SETTINGS = ("dtype", "trust_remote_code", "chat_template", "attn_implementation")
+
+
+@dataclass
+class Stage:
+    """One composed stage: its config, the hash of that config and its folder."""
+
+    kind: str  # defense | attack | evaluate
+    cfg: DictConfig
+    key: str
+    dir: Path
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or reuse) the defense, attack and evaluation stages of the point ``cfg`` describes."""
+    started = time.time()
+    point = describe_point(cfg)
+    with hydra_context():
+        planner = StagePlanner(cfg, Path(cfg.stages.dir).expanduser().resolve())
+        stages = planner.plan()
+    if cfg.get("dry_run"):
+        for name, stage in stages.items():
+            state = "finished" if (stage.dir / STAGE_RECORD).exists() else "to run"
+            print(f"{name:24s} {state:9s} {stage.dir}\n{'':24s} overrides: {' '.join(stage.cfg.stage_overrides)}")
+        return {"point": point, "planned": {name: str(stage.dir) for name, stage in stages.items()}}
+
+    record: dict[str, Any] = {"point": point, "stages": {}, "evaluations": {}}
+    if planner.vanilla_model is not None:
+        record["stages"]["defense"] = {"model_dir": planner.vanilla_model, "vanilla": True}
+    for name, stage in stages.items():  # in order: each stage's input is an earlier stage's output
+        runner = _evaluate_stage if stage.kind == "evaluate" else _train_stage
+        record["stages"][name] = planner.run(stage, runner)
+        if stage.kind == "evaluate":
+            record["evaluations"][name.removeprefix("evaluate_")] = record["stages"][name].pop("result")
+
+    record["reused_stages"] = sorted(name for name, s in record["stages"].items() if s.get("reused"))
+    record["seconds"] = round(time.time() - started, 1)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(record, indent=2))
+    log.info("Point %s done in %.0f s (reused: %s); results in %s", point["name"], record["seconds"],
+             record["reused_stages"] or "none", output_dir / "results.json")
+    return record
+
+
+def describe_point(cfg: DictConfig) -> dict[str, Any]:
+    attack, _ = attack_choice(cfg)
+    setting = cfg.point.get("attack_setting")
+    name = f"{cfg.point.backbone}/{cfg.point.defense}/{attack if setting is None else f'{attack}#{setting}'}"
+    return {"name": name, "backbone": str(cfg.point.backbone), "defense": str(cfg.point.defense), "attack": attack,
+            "attack_setting": None if setting is None else str(setting), "seed": cfg.seed}
+
+
+def attack_choice(cfg: DictConfig) -> tuple[str, list[str]]:
+    """The attack and its extra overrides: ``point.attack``, or the named ``attack_settings`` entry."""
+    setting = cfg.point.get("attack_setting")
+    if setting is None:
+        return str(cfg.point.attack), []
+    settings = {str(name): value for name, value in (cfg.get("attack_settings") or {}).items()}
+    if str(setting) not in settings:
+        raise KeyError(f"point.attack_setting={setting} is not in attack_settings (known: {sorted(settings)}).")
+    chosen = settings[str(setting)]
+    return str(chosen.attack), list(chosen.get("overrides") or [])
+
+
+def resolve_backbone(backbone_cfg: DictConfig) -> str:
+    """The folder (or Hub id) of an untrained backbone, as the attack and evaluation stages load it."""
+    from hydra.utils import instantiate
+
+    return instantiate(backbone_cfg).resolve()
+
+
+class StagePlanner:
+    """Composes stage configs for one point, names their folders, and runs or reuses them."""
+
+    def __init__(self, cfg: DictConfig, stages_dir: Path) -> None:
+        self.cfg = cfg
+        self.stages_dir = stages_dir
+        # Absolute, so that stages find the same files from any working directory.
+        paths = {k: str(Path(v).expanduser().resolve()) for k, v in cfg.paths.items() if k != "output_dir"}
+        self.path_overrides = [f"paths.{k}={override_value(v)}" for k, v in paths.items()]
+        # Longest first, so that a path inside another is replaced by its own placeholder.
+        self.placeholders = sorted(
+            [(v, f"<paths.{k}>") for k, v in paths.items()] + [(str(stages_dir), "<stages>")],
+            key=lambda item: -len(item[0]),
+        )
+        self.common = [f"seed={cfg.seed}", f"corpus={cfg.stages.corpus}", *cfg.stages.overrides.common]
+        self.training_choices = [f"trainer={cfg.stages.trainer}", f"logger={cfg.stages.logger}"]
+        self.vanilla_model: str | None = None
+
+    def plan(self) -> dict[str, Stage]:
+        """The point's stages, in order. A trained model lives in ``<stage dir>/model``, so every stage
+        can be composed (and named) before any runs."""
+        cfg, point = self.cfg, describe_point(self.cfg)
+        attack, attack_overrides = attack_choice(cfg)
+        stages: dict[str, Stage] = {}
+        # 1. Defense: train the backbone with the defense, or take it as it is (Vanilla).
+        if point["defense"] == NONE:
+            backbone_cfg = self.compose("train", "defense", [f"backbone={point['backbone']}"]).cfg.backbone
+            self.vanilla_model = model = resolve_backbone(backbone_cfg)
+        else:
+            stages["defense"] = self.compose("train", "defense", [
+                f"backbone={point['backbone']}", f"defense={point['defense']}", *self.training_choices,
+                *cfg.stages.overrides.defense,
+            ], label=f"{point['backbone']}-{point['defense']}")
+            backbone_cfg = stages["defense"].cfg.backbone
+            model = str(stages["defense"].dir / "model")
+        # A model folder loads as backbone=custom; it keeps the backbone's loading settings.
+        as_model = [f"backbone.{k}={override_value(backbone_cfg[k])}" for k in BACKBONE_SETTINGS]
+        evaluate = [*as_model, *cfg.stages.overrides.evaluate]
+        # 2. The defended model's evaluation, shared by every attack on it.
+        if cfg.stages.evaluate_before_attack or attack == NONE:
+            stages["evaluate_before_attack"] = self.compose(
+                "eval", "evaluate", [f"model={override_value(model)}", *evaluate], label="before_attack")
+        # 3. The attack, then 4. the attacked model's evaluation.
+        if attack != NONE:
+            stages["attack"] = self.compose("attack", "attack", [
+                f"model={override_value(model)}", *as_model, f"attack={attack}", *self.training_choices,
+                *cfg.stages.overrides.attack, *attack_overrides,
+            ], label=attack)
+            attacked = str(stages["attack"].dir / "model")
+            stages["evaluate_after_attack"] = self.compose(
+                "eval", "evaluate", [f"model={override_value(attacked)}", *evaluate], label="after_attack")
+        return stages
+
+    def compose(self, config_name: str, kind: str, overrides: Sequence[str], label: str | None = None) -> Stage:
+        from hydra import compose
+
+        all_overrides = [*self.path_overrides, *self.common, *overrides]
+        cfg = compose(config_name=config_name, overrides=all_overrides)
+        key = self.config_key(cfg)
+        stage_dir = self.stages_dir / kind / f"{safe_name(label or kind)}-{key}"
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(stage_dir)
+            cfg.task_name = f"{kind}-{safe_name(label or kind)}"
+            cfg.stage_overrides = list(all_overrides)
+        return Stage(kind, cfg, key, stage_dir)
+
+    def config_key(self, cfg: DictConfig) -> str:
+        """A hash of what the stage computes: its resolved config without paths, logging or checkpoints."""
+        hashed = copy.deepcopy(cfg)
+        with open_dict(hashed):
+            for key in list(hashed.paths):
+                hashed.paths[key] = f"<paths.{key}>"
+            text = json.dumps(OmegaConf.to_container(hashed, resolve=True), sort_keys=True, default=str)
+        container = json.loads(text)
+        for key in NOT_HASHED:
+            container.pop(key, None)
+        text = json.dumps(container, sort_keys=True)
+        for path, placeholder in self.placeholders:  # model folders of earlier stages, converted backbones
+            text = text.replace(path, placeholder)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def run(self, stage: Stage, function: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``function`` on the stage unless its folder holds a finished record; return the record."""
+        from filelock import FileLock
+
+        stage.dir.mkdir(parents=True, exist_ok=True)
+        record_path = stage.dir / STAGE_RECORD
+        with FileLock(str(stage.dir) + ".lock"):  # a parallel job computing this stage: wait for it
+            if record_path.exists():
+                record = json.loads(record_path.read_text())
+                log.info("Reusing %s stage %s", stage.kind, stage.dir)
+                return {**record, "reused": True}
+            log.info("Running %s stage in %s", stage.kind, stage.dir)
+            started = time.time()
+            result = function(stage.cfg)
+            record = {"kind": stage.kind, "key": stage.key, "dir": str(stage.dir),
+                      "overrides": list(stage.cfg.stage_overrides), "seconds": round(time.time() - started, 1),
+                      **result}
+            temporary = record_path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(record, indent=2))
+            temporary.replace(record_path)  # atomic: a record exists only for a finished stage
+        return {**record, "reused": False}
+
+
+def _train_stage(cfg: DictConfig) -> dict[str, Any]:
+    from sdd.training import train
+
+    summary = train(cfg)
+    return {"model_dir": summary["model_dir"], "global_step": summary["global_step"],
+            "metrics": summary.get("metrics", {})}
+
+
+def _evaluate_stage(cfg: DictConfig) -> dict[str, Any]:
+    from sdd.evaluation.run import evaluate
+
+    results = evaluate(cfg)
+    return {"result": {k: v for k, v in results.items() if k != "config"}}
+
+
+@contextlib.contextmanager
+def hydra_context() -> Iterator[None]:
+    """Hydra's compose API: the running app's (inside ``pipeline.py``), else one on ``conf/``."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield
+
+
+def override_value(value: Any) -> str:
+    """``value`` written so that Hydra's override parser reads it back unchanged."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = str(value)
+    if re.fullmatch(r"[\w./:+-]+", text) and not re.fullmatch(r"(?i)null|true|false|[\d.e+-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^\w.+-]+", "_", str(text)).strip("_") or "stage"
+
+
+def print_point(record: dict[str, Any]) -> None:
+    """The point's headline numbers, for a person watching a run."""
+    if "planned" in record:  # a dry run printed its plan already
+        return
+    print(f"\n{record['point']['name']}  ({record['seconds']} s, reused: {', '.join(record['reused_stages']) or 'none'})")
+    for name, evaluation in record["evaluations"].items():
+        harm = (evaluation.get("harmfulness") or {}).get("overall", {})
+        capability = {k: v["acc"] for k, v in (evaluation.get("capability") or {}).items() if isinstance(v, dict)}
+        shown = {k: round(v, 3) for k, v in harm.items() if isinstance(v, float)}
+        print(f"  {name}: harmfulness {shown} capability {capability}")
