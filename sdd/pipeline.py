@@ -124,6 +124,8 @@ class StagePlanner:
         )
         self.common = [f"seed={cfg.seed}", f"corpus={cfg.stages.corpus}", *cfg.stages.overrides.common]
         self.training_choices = [f"trainer={cfg.stages.trainer}", f"logger={cfg.stages.logger}"]
+        if cfg.stages.logger == "wandb":  # one wandb run per training stage, grouped by point
+            self.training_choices.append(f"logger.group={override_value(describe_point(cfg)['name'])}")
         self.vanilla_model: str | None = None
 
     def plan(self) -> dict[str, Stage]:
