@@ -117,6 +117,15 @@ def check_strategy(cfg: DictConfig) -> None:
         )
     if strategy.get("offload_optimizer") and "DeepSpeedCPUAdam" not in str(cfg.optimizer.get("_target_")):
         raise ValueError("ZeRO optimizer offload needs DeepSpeed's CPU Adam: add optimizer=deepspeed_cpu_adam.")
+    from hydra.utils import get_class
+
+    module_class = get_class(cfg.module._target_)
+    if not getattr(module_class, "supports_deepspeed", True):
+        raise ValueError(
+            f"{module_class.__name__} reads and edits whole gradients and weights between the passes of a step, "
+            "which DeepSpeed ZeRO partitions across ranks. Use trainer=gpu (bf16, one GPU; add "
+            "module.gradient_checkpointing=true for memory) for this defense."
+        )
     if strategy.get("stage") == 3 and cfg.module.get("lora"):
         raise ValueError("LoRA under ZeRO-3 is not supported: use trainer=deepspeed_zero2 for LoRA attacks.")
 

@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from sdd.training import check_strategy, train
 
-from conftest import compose_config
+from conftest import CONF_DIR, compose_config
 
 EXPECTED = {"deepspeed_zero2": (2, False), "deepspeed_zero3": (3, False), "deepspeed_zero3_offload": (3, True)}
 
@@ -50,6 +50,19 @@ def test_offload_needs_cpu_adam_and_zero3_refuses_lora(tmp_path, monkeypatch):
     lora = compose_config("attack", ["trainer=deepspeed_zero3", "attack=mft_advbench_lora"], output_dir=tmp_path)
     with pytest.raises(ValueError, match="deepspeed_zero2"):
         check_strategy(lora)
+
+
+@pytest.mark.parametrize("defense", sorted(p.stem for p in (CONF_DIR / "defense").glob("*.yaml")))
+def test_defenses_that_edit_whole_gradients_refuse_deepspeed(defense, tmp_path, monkeypatch):
+    from hydra.utils import get_class
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = compose_config("train", ["trainer=deepspeed_zero2", f"defense={defense}"], output_dir=tmp_path)
+    if getattr(get_class(cfg.module._target_), "supports_deepspeed", True):
+        check_strategy(cfg)
+    else:
+        with pytest.raises(ValueError, match="trainer=gpu"):
+            check_strategy(cfg)
 
 
 @pytest.mark.gpu

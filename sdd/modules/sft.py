@@ -29,6 +29,10 @@ class SFTModule(L.LightningModule):
             ``lora_dropout``, ``target_modules``) to train low-rank adapters only.
     """
 
+    # False for objectives that read or edit whole gradients and weights between several passes of one
+    # step (SEAM, Booster, TAR, ...): DeepSpeed ZeRO partitions both, so training.py refuses the pair.
+    supports_deepspeed: bool = True
+
     def __init__(
         self,
         backbone: Backbone,
