@@ -157,3 +157,29 @@ def test_override_values_read_back_unchanged(value):
 
     parsed = OverridesParser.create().parse_override(f"key={override_value(value)}")
     assert parsed.value() == value
+
+
+@pytest.mark.slow
+def test_the_whole_tiny_matrix_sweep_and_its_report(tmp_path):
+    """Every defense x every attack of tiny_matrix as one multirun, then report.py on it."""
+    import os
+    import subprocess
+    import sys
+
+    root = CONF_DIR.parent
+    env = dict(os.environ, SDD_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    result = subprocess.run([sys.executable, "pipeline.py", "-m", "experiment=tiny_matrix",
+                             f"paths.log_dir={tmp_path / 'logs'}"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = next((tmp_path / "logs" / "tiny_matrix" / "multiruns").iterdir())
+    params = yaml.safe_load((CONF_DIR / "experiment" / "tiny_matrix.yaml").read_text())["hydra"]["sweeper"]["params"]
+    expected = len(sweep_values(params["point.defense"])) * len(sweep_values(params["point.attack"]))
+    report = subprocess.run([sys.executable, "report.py", str(sweep_dir)], cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    import pandas as pd
+
+    frame = pd.read_csv(sweep_dir / "report" / "results.csv")
+    assert len(frame) == expected
+    assert frame["final/capability/average"].notna().all() and frame["final/harm/compliance_rate"].notna().all()
