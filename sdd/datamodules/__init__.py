@@ -6,6 +6,8 @@ from sdd.datamodules.conversations import (
     MultiTurnDataModule,
     PadCollator,
 )
+from sdd.datamodules.preference import PreferenceDataModule
+from sdd.datamodules.safety_recovery import SafetyRecoveryDataModule
 from sdd.datamodules.sdd import SDD_REJECT_PREFIX, SDDDataModule
 from sdd.datamodules.sdd_pairs import IrrelevantAnswerMatcher, SDDPairBuilder
 from sdd.datamodules.streams import MultiStreamDataModule
@@ -17,6 +19,8 @@ __all__ = [
     "MultiStreamDataModule",
     "MultiTurnDataModule",
     "PadCollator",
+    "PreferenceDataModule",
+    "SafetyRecoveryDataModule",
     "SDDDataModule",
     "SDDPairBuilder",
     "SDD_REJECT_PREFIX",

@@ -1,0 +1,84 @@
+"""Pieces shared by the baseline objectives: per-token answer log-probabilities and a frozen reference.
+
+SimPO and DeepAlign compare log-probabilities of answer tokens; DeepAlign and TAR compare the trained
+model with the initial (aligned) one. Both are defined once here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from sdd.chat import IGNORE_INDEX
+
+
+def answer_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log π(y_t | x, y_<t)`` of every labelled token, aligned with the causal shift.
+
+    Args:
+        logits: ``[batch, seq, vocab]`` from a causal LM.
+        labels: ``[batch, seq]`` token ids, ``ignore_index`` where no loss is taken.
+
+    Returns:
+        ``(logps, mask)``, both ``[batch, seq - 1]``: the log-probability of token ``t + 1`` given the
+        tokens up to ``t`` (0 where masked) and whether that position carries a label.
+    """
+    shifted_labels = labels[:, 1:]
+    shifted_logits = logits[:, :-1].float()
+    mask = shifted_labels != ignore_index
+    # cross_entropy is the fused log_softmax + gather; ignored positions come back as 0.
+    nll = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="none",
+    )
+    return -nll.view(shifted_labels.shape), mask
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is true (0 if nothing is)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class FrozenReference:
+    """The initial model, frozen: the reference of constrained / representation-preserving objectives.
+
+    With LoRA the reference is the same network with its adapters switched off (no second copy);
+    otherwise a second copy is loaded from the backbone, in eval mode, without gradients. It is kept
+    out of the LightningModule's submodules, so checkpoints and the optimizer never see it; it
+    follows the trained model's device on first use.
+    """
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.model = None
+        if not module.hparams.get("lora"):
+            strategy = getattr(module._trainer, "strategy", None) if module._trainer is not None else None
+            if getattr(strategy, "zero_stage_3", False):
+                raise ValueError(
+                    f"{type(module).__name__} needs a frozen copy of the initial model, which ZeRO-3 would shard "
+                    "outside the engine. Use trainer=deepspeed_zero2 (or gpu), or train LoRA adapters "
+                    "(module.lora=...), whose reference is the base model with adapters disabled."
+                )
+            self.model = module.backbone.load_model()
+            self.model.eval()
+            self.model.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[torch.nn.Module]:
+        """The reference network, for use under ``torch.no_grad()``."""
+        if self.model is None:  # LoRA: the base weights are the initial model
+            with self.module.model.disable_adapter():
+                yield self.module.model
+            return
+        device = self.module.device
+        if next(self.model.parameters()).device != device:
+            self.model.to(device)
+        yield self.model
