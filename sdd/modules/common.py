@@ -1,7 +1,9 @@
-"""Pieces shared by the baseline objectives: per-token answer log-probabilities and a frozen reference.
+"""Pieces shared by the defense objectives: per-token answer log-probabilities, a frozen reference,
+and the optimizer step of manual-optimization modules.
 
 SimPO and DeepAlign compare log-probabilities of answer tokens; DeepAlign and TAR compare the trained
-model with the initial (aligned) one. Both are defined once here.
+model with the initial (aligned) one; SEAM, Booster and TAR take several passes per step and step the
+optimizer themselves. Each is defined once here.
 """
 
 from __future__ import annotations
@@ -82,3 +84,28 @@ class FrozenReference:
         if next(self.model.parameters()).device != device:
             self.model.to(device)
         yield self.model
+
+
+class ManualStepMixin:
+    """Manual optimization that still honours ``trainer.gradient_clip_val`` and steps the scheduler."""
+
+    _clip: tuple[float | None, str | None] = (None, None)
+
+    def configure_callbacks(self) -> list:
+        # Lightning refuses gradient_clip_val with manual optimization: take it over, clip ourselves.
+        if self._trainer is not None and self.trainer.gradient_clip_val:
+            self._clip = (float(self.trainer.gradient_clip_val), self.trainer.gradient_clip_algorithm)
+            self.trainer.gradient_clip_val = None
+        if self._trainer is not None and self.trainer.accumulate_grad_batches != 1:
+            raise ValueError(f"{type(self).__name__} steps once per batch: set trainer.accumulate_grad_batches=1 "
+                             "(raise data.batch_size instead).")
+        return []
+
+    def clip_and_step(self, optimizer) -> None:
+        clip_value, clip_algorithm = self._clip
+        if clip_value:
+            self.clip_gradients(optimizer, gradient_clip_val=clip_value, gradient_clip_algorithm=clip_algorithm)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()

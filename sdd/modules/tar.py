@@ -56,7 +56,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdd.backbones import Backbone
-from sdd.modules.common import FrozenReference, masked_mean
+from sdd.modules.common import FrozenReference, ManualStepMixin, masked_mean
 from sdd.modules.sft import SFTModule
 
 TR_LOSSES = ("max_entropy", "neg_ce")
@@ -74,7 +74,7 @@ def take_rows(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Te
     return {key: value[rows, :width] for key, value in batch.items()}
 
 
-class TARModule(SFTModule):
+class TARModule(ManualStepMixin, SFTModule):
     """Tamper-Attack Resistance on ``{"harmful": batch, "retain": batch}`` steps (manual optimization).
 
     Args:
@@ -136,18 +136,6 @@ class TARModule(SFTModule):
         self.attack_lrs = attack_lrs
         self.reference: FrozenReference | None = None
         self._rng = random.Random(seed)
-        self._clip: tuple[float | None, str | None] = (None, None)
-
-    # ------------------------------------------------------------------ setup
-    def configure_callbacks(self) -> list:
-        # Lightning refuses Trainer(gradient_clip_val) with manual optimization: take the value over
-        # and clip in training_step instead.
-        if self._trainer is not None and self.trainer.gradient_clip_val:
-            self._clip = (float(self.trainer.gradient_clip_val), self.trainer.gradient_clip_algorithm)
-            self.trainer.gradient_clip_val = None
-        if self._trainer is not None and self.trainer.accumulate_grad_batches != 1:
-            raise ValueError("TAR steps once per batch: set trainer.accumulate_grad_batches=1 (raise data.batch_size).")
-        return []
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -288,13 +276,7 @@ class TARModule(SFTModule):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.add_(grad, alpha=hp.tr_weight)
-        clip_value, clip_algorithm = self._clip
-        if clip_value:
-            self.clip_gradients(optimizer, gradient_clip_val=clip_value, gradient_clip_algorithm=clip_algorithm)
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        self.clip_and_step(optimizer)
 
         batch_size = batch[hp.retain_stream]["input_ids"].shape[0]
         # The objective whose first-order gradient was applied: retain loss + λ_TR Σ_k w_k L_TR(θ_k).
