@@ -61,6 +61,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             batch_size=cfg.eval.capability.batch_size, limit=cfg.eval.capability.limit,
             num_fewshot=cfg.eval.capability.num_fewshot,
         )
+    if cfg.eval.get("gradient_separation") is not None and cfg.eval.gradient_separation.enabled:
+        # SEAM's Figure 6: PCA of per-batch harmful vs. benign gradients (sdd/evaluation/gradient_separation.py).
+        from sdd.evaluation.gradient_separation import run_gradient_separation
+
+        results["gradient_separation"] = run_gradient_separation(model, tokenizer, cfg.eval.gradient_separation, output_dir)
     results["seconds"] = round(time.time() - started, 1)
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
