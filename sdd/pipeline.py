@@ -141,7 +141,7 @@ class StagePlanner:
         else:
             stages["defense"] = self.compose("train", "defense", [
                 f"backbone={point['backbone']}", f"defense={point['defense']}", *self.training_choices,
-                *cfg.stages.overrides.defense,
+                *cfg.stages.overrides.defense, *(cfg.stages.overrides.get("per_defense") or {}).get(point["defense"], []),
             ], label=f"{point['backbone']}-{point['defense']}")
             backbone_cfg = stages["defense"].cfg.backbone
             model = str(stages["defense"].dir / "model")

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_job_multirun_of_tiny_matrix_points_through_submitit_local(tmp_path):
+    # The two jobs run side by side: one thread each, or they fight over the cores and slow down many times.
     env = dict(os.environ, SDD_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="disabled")
+               WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     command = [sys.executable, "pipeline.py", "-m", "hydra/launcher=local", "experiment=tiny_matrix",
                "point.defense=none,sdd", "point.attack=mft_advbench", f"paths.log_dir={tmp_path / 'logs'}",
                'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=4","eval.harmfulness.max_new_tokens=4"]']

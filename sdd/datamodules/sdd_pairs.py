@@ -324,15 +324,18 @@ class SDDPairBuilder:
                 f"No answer of at least {self.min_answer_chars} characters in data.builder.answers."
             )
         sampled, sampling_stats = balanced_sample(harmful, self.num_pairs, self.seed, self.categories)
+        loaded = time.time()
 
         # Each distinct text is embedded once, in batches; retries only index into these vectors.
         unique_instructions = sorted({str(r["instruction"]) for r in sampled})
         position = {text: i for i, text in enumerate(unique_instructions)}
         instruction_vectors = embed(unique_instructions)[[position[str(r["instruction"])] for r in sampled]]
         answer_vectors = embed([a["answer"] for a in answer_pool])
+        embedded = time.time()
 
         matcher = IrrelevantAnswerMatcher(self.threshold, self.max_tries, self.seed)
         result = matcher.match(instruction_vectors, answer_vectors)
+        matched = time.time()
         pairs = []
         for record, index, sim, tries, fell_back in zip(
             sampled, result.answer_index, result.similarity, result.tries, result.fallback
@@ -371,6 +374,9 @@ class SDDPairBuilder:
                 "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
             },
             "build_seconds": round(time.time() - started, 2),
+            # load: read, dedupe and sample the sources; embed: encode every distinct text; match: the draws
+            "phase_seconds": {"load": round(loaded - started, 3), "embed": round(embedded - loaded, 3),
+                              "match": round(matched - embedded, 3)},
         }
         return pairs, manifest
 
