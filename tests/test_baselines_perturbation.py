@@ -11,7 +11,6 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM
 
 from conftest import compose_config
@@ -22,34 +21,7 @@ from sdd.modules.repnoise import final_norm, gaussian_mmd
 from sdd.modules.vaccine import decoder_layers, global_norm
 from sdd.training import train
 
-
-def make(kind: str, backbone, tmp_path, *overrides: str):
-    """A defense's data module (connected, set up) and module (model loaded), from conf/."""
-    cfg = compose_config(
-        "train", ["experiment=quick_tiny", f"defense={kind}", "data.num_examples=16", *overrides],
-        output_dir=tmp_path, cache_dir=tmp_path / "cache",
-    )
-    datamodule = instantiate(cfg.data)
-    datamodule.connect(backbone.load_tokenizer())
-    datamodule.setup("fit")
-    module = instantiate(cfg.module, backbone=backbone)
-    module.configure_model()
-    return datamodule, module
-
-
-def first_batch(datamodule):
-    batch = next(iter(datamodule.train_dataloader()))
-    return batch[0] if isinstance(batch, tuple) else batch  # CombinedLoader yields (batch, idx, loader idx)
-
-
-def grads_of(loss: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [g if g is not None else torch.zeros_like(p) for p, g in
-            zip(params, torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True))]
-
-
-def all_close(a: list[torch.Tensor], b: list[torch.Tensor], **tolerance) -> bool:
-    return len(a) == len(b) and all(torch.allclose(x, y, **tolerance) for x, y in zip(a, b))
+from defense_helpers import all_close, first_batch, grads_of, make
 
 
 def fit_one_step(module, datamodule, clip=None):
