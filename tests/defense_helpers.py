@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import torch
 from hydra.utils import instantiate
 
@@ -35,3 +38,12 @@ def grads_of(loss: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
 
 def all_close(a: list[torch.Tensor], b: list[torch.Tensor], **tolerance) -> bool:
     return all(torch.allclose(x, y, **tolerance) for x, y in zip(a, b))
+
+
+def logged(output_dir: Path) -> list[dict[str, str]]:
+    """Every row of the CSV metrics a training run wrote under ``output_dir``."""
+    rows = []
+    for path in sorted(output_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as handle:
+            rows += list(csv.DictReader(handle))
+    return rows

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from sdd.modules.deepalign import constrained_loss, token_betas
 from sdd.modules.simpo import simpo_loss
 from sdd.training import train
 
-from defense_helpers import all_close, first_batch, grads_of, make
+from defense_helpers import all_close, first_batch, grads_of, logged, make
 
 
 def safety_pairs_source() -> DataSource:
@@ -273,14 +272,6 @@ def test_tar_step_applies_retain_plus_weighted_meta_gradient(tiny_backbone, tmp_
 
 
 # ------------------------------------------------------------------------------------ end to end
-def logged(output_dir: Path) -> list[dict[str, str]]:
-    rows = []
-    for path in sorted(output_dir.glob("csv/version_*/metrics.csv")):
-        with open(path) as handle:
-            rows += list(csv.DictReader(handle))
-    return rows
-
-
 @pytest.mark.parametrize(
     "defense, overrides, metric",
     [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from sdd.modules.repnoise import final_norm, gaussian_mmd
 from sdd.modules.vaccine import decoder_layers, global_norm
 from sdd.training import train
 
-from defense_helpers import all_close, first_batch, grads_of, make
+from defense_helpers import all_close, first_batch, grads_of, logged, make
 
 
 def fit_one_step(module, datamodule, clip=None):
@@ -312,14 +311,6 @@ def test_defense_configs_carry_the_papers_hyperparameters(tmp_path):
         assert cfg.defense_name == defense
         assert {k: cfg.module[k] for k in values} == values
     assert compose_config("train", ["defense=t_vaccine"], output_dir=tmp_path).data.streams.harmful.num_examples == 200
-
-
-def logged(output_dir: Path) -> list[dict[str, str]]:
-    rows = []
-    for path in sorted(output_dir.glob("csv/version_*/metrics.csv")):
-        with open(path) as handle:
-            rows += list(csv.DictReader(handle))
-    return rows
 
 
 @pytest.mark.parametrize(
