@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdd.chat import IGNORE_INDEX, Conversation, TokenizedExample, instruction_answer, tokenize_conversation
 from sdd.data.sources import DataSource, DataSourceError, load_records
+from sdd.datamodules.retention import RetentionStream, retention_stream
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class ConversationDataModule(L.LightningDataModule):
         self.train_set: TokenizedDataset | None = None
         self.val_set: TokenizedDataset | None = None
         self.stats: dict[str, Any] = {}
+        # Benign retention examples mixed in after the num_examples subset (set by subclasses that offer it).
+        self.retention: RetentionStream | None = None
 
     def connect(self, tokenizer, max_length: int | None = None) -> None:
         """Hand over run-time objects the config cannot hold."""
@@ -115,19 +118,23 @@ class ConversationDataModule(L.LightningDataModule):
             # A seeded random subset (k-shot selection for attacks); the same seed gives the same k.
             chosen = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(self.seed))
             conversations = [conversations[i] for i in sorted(chosen[: self.num_examples].tolist())]
+        retained = self.retention.draw(len(conversations)) if self.retention is not None else []
+        is_retention = [False] * len(conversations) + [True] * len(retained)
+        conversations = conversations + retained
         if self.system_prompt:
             conversations = [
                 c if c[0]["role"] == "system" else [{"role": "system", "content": self.system_prompt}, *c]
                 for c in conversations
             ]
-        examples, no_answer_left, truncated = [], 0, 0
-        for conversation in conversations:
+        examples, kept_retention, no_answer_left, truncated = [], [], 0, 0
+        for conversation, retention in zip(conversations, is_retention):
             example = tokenize_conversation(self.tokenizer, conversation, self.max_length, self.mask_prompt)
             truncated += example.truncated
             if all(label == IGNORE_INDEX for label in example.labels):
                 no_answer_left += 1
                 continue
             examples.append(example)
+            kept_retention.append(retention)
         if no_answer_left:
             log.warning("%d conversations dropped: no answer token left within max_length=%d",
                         no_answer_left, self.max_length)
@@ -150,6 +157,12 @@ class ConversationDataModule(L.LightningDataModule):
             "answer_tokens": sum(sum(l != IGNORE_INDEX for l in e.labels) for e in examples),
             "tokens": sum(len(e.input_ids) for e in examples),
         }
+        if self.retention is not None:
+            self.stats["retention"] = {
+                **self.retention.info,
+                "train_examples": sum(kept_retention[i] for i in order[num_val:]),
+                "val_examples": sum(kept_retention[i] for i in order[:num_val]),
+            }
         log.info("Data: %s", self.stats)
 
     def _loader(self, dataset: TokenizedDataset, shuffle: bool) -> DataLoader:
@@ -177,13 +190,27 @@ class InstructionAnswerDataModule(ConversationDataModule):
 
     Args:
         source: a :class:`sdd.data.sources.DataSource` config.
-        answer_prefix: text put before every answer.
+        answer_prefix: text put before every answer of ``source`` (never before retention answers).
+        retain: a source of benign instructions with their own answers (columns ``instruction``,
+            ``answer``) mixed in at ``retain_ratio``; read only when ``retain_ratio > 0``.
+        retain_ratio: share of the final training examples that are retention examples, in [0, 1);
+            the ``num_examples`` pairs of ``source`` are kept and
+            ``round(num_examples * r / (1 - r))`` retention examples are added
+            (:mod:`sdd.datamodules.retention`). 0, the default, is the papers' recipe: nothing mixed.
     """
 
-    def __init__(self, source: dict[str, Any], answer_prefix: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        source: dict[str, Any],
+        answer_prefix: str | None = None,
+        retain: dict[str, Any] | None = None,
+        retain_ratio: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.source = DataSource.from_config(source, "data.source")
         self.answer_prefix = answer_prefix or ""
+        self.retention = retention_stream(retain, retain_ratio, self.seed)
         self._conversations: list[Conversation] | None = None
 
     def build_conversations(self) -> list[Conversation]:

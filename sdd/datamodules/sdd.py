@@ -7,6 +7,7 @@ from typing import Any
 
 from sdd.chat import Conversation, instruction_answer
 from sdd.datamodules.conversations import ConversationDataModule
+from sdd.datamodules.retention import retention_stream
 from sdd.datamodules.sdd_pairs import SDDPairBuilder
 
 log = logging.getLogger(__name__)
@@ -21,16 +22,36 @@ SDD_REJECT_PREFIX = (
 class SDDDataModule(ConversationDataModule):
     """<harmful instruction, irrelevant high-quality answer> pairs for SDD training.
 
+    Optionally mixed with a benign retention stream (benign instructions with their own answers), a
+    remedy for small backbones that generalise the irrelevant answers to every prompt. The paper's
+    recipe has none: ``retain_ratio`` defaults to 0, which loads no retention source and leaves the
+    data exactly as without it.
+
     Args:
         builder: the :class:`SDDPairBuilder` that builds (or reuses) the pair set.
-        answer_prefix: text put before every answer (``SDD_REJECT_PREFIX`` for SDD_reject).
+        answer_prefix: text put before every SDD answer (``SDD_REJECT_PREFIX`` for SDD_reject); never
+            before retention answers.
+        retain: a data source of benign instructions with their own answers (columns ``instruction``,
+            ``answer``; ``corpus.benign`` in ``conf/data/sdd.yaml``); read only when ``retain_ratio > 0``.
+        retain_ratio: share of the final training examples that are retention examples, in [0, 1). The
+            ``num_examples`` SDD pairs are kept and ``round(num_examples * r / (1 - r))`` retention
+            examples are added (see :mod:`sdd.datamodules.retention`). They are mixed in here, after the
+            pair set is built, so they never enter the pair cache.
         **kwargs: batching and tokenization options of :class:`ConversationDataModule`.
     """
 
-    def __init__(self, builder: SDDPairBuilder, answer_prefix: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        builder: SDDPairBuilder,
+        answer_prefix: str | None = None,
+        retain: dict[str, Any] | None = None,
+        retain_ratio: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.builder = builder
         self.answer_prefix = answer_prefix or ""
+        self.retention = retention_stream(retain, retain_ratio, self.seed)
         self.manifest: dict[str, Any] | None = None
         self._conversations: list[Conversation] | None = None
 
@@ -41,3 +62,9 @@ class SDDDataModule(ConversationDataModule):
                 instruction_answer(p["instruction"], self.answer_prefix + p["answer"]) for p in pairs
             ]
         return self._conversations
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.manifest is not None and "retention" in self.stats:
+            # A copy: the pair cache's manifest describes the pairs alone and is never rewritten.
+            self.manifest = {**self.manifest, "retention": self.stats["retention"]}
