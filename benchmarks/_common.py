@@ -18,13 +18,14 @@ CONF_DIR = ROOT / "conf"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def compose(overrides: Sequence[str]):
-    """``conf/train.yaml`` composed with ``overrides``, as ``train.py`` would see it."""
+def compose(overrides: Sequence[str], config_name: str = "train"):
+    """``conf/<config_name>.yaml`` (``train``: as ``train.py`` sees it; ``eval``: as ``evaluate.py``) with
+    ``overrides``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:

@@ -287,3 +287,58 @@ def test_safety_align_training_with_retention_reports_the_counts(tiny_train_conf
     assert retention["source"] == "corpus.benign" and summary["data"]["train_examples"] == 64
     saved = json.loads((Path(cfg.paths.output_dir) / "train_summary.json").read_text())
     assert saved["data"]["retention"] == retention and summary["global_step"] == 3
+
+
+# ---------------------------------------------------------------------------- benchmarks/retention_sweep.py
+def load_sweep_script():
+    from test_benchmarks import load_script
+
+    return load_script("retention_sweep")
+
+
+def test_sweep_rows_read_the_harmful_and_benign_interfaces():
+    script = load_sweep_script()
+    summary = {"data": {"train_examples": 64, "retention": {"train_examples": 16, "source": "corpus.benign"}},
+               "global_step": 7, "metrics": {"train/loss": 1.5}}
+    results = {"harmfulness": {"overall": {"num_prompts": 80, "irrelevant_rate": 24.0, "refusal_rate": 5.0}},
+               "benign": {"overall": {"num_prompts": 40, "on_topic_rate": 92.5, "refusal_rate": 2.5,
+                                      "reference_nll": 1.75}}}
+    row = script.table_row("sdd", 0.25, summary, results)
+    assert row == {"model": "sdd", "retain_ratio": 0.25, "retention_examples": 16, "defense_examples": 48,
+                   "retention_source": "corpus.benign", "global_step": 7, "train_loss": 1.5,
+                   "harmful_prompts": 80, "harmful_irrelevant_rate": 24.0, "harmful_refusal_rate": 5.0,
+                   "benign_prompts": 40, "benign_on_topic_rate": 92.5, "benign_refusal_rate": 2.5,
+                   "benign_reference_nll": 1.75}
+
+
+@pytest.mark.parametrize("ratios", ["0,1", "0.2,-0.1", ","])
+def test_sweep_refuses_bad_ratios(ratios):
+    with pytest.raises(SystemExit):
+        load_sweep_script().parse_args(["--ratios", ratios])
+
+
+def test_sweep_runs_on_the_tiny_backbone_and_demo_corpus(tmp_path, cache_dir):
+    output = tmp_path / "sweep.json"
+    results = load_sweep_script().main([
+        "--backbone", "tiny_llama", "--ratios", "0,0.5", "--steps", "2", "--num-examples", "16", "--batch-size", "4",
+        "--max-length", "64", "--max-prompts", "4", "--max-new-tokens", "4", "--work-dir", str(tmp_path / "runs"),
+        "--output", str(output), "--override", f"paths.cache_dir={cache_dir}",
+    ])
+    assert json.loads(output.read_text())["rows"] == results["rows"]
+    base, zero, half = results["rows"]
+    assert base["retain_ratio"] is None and "global_step" not in base
+    assert (zero["retain_ratio"], zero["retention_examples"], zero["defense_examples"]) == (0.0, 0, 16)
+    assert (half["retain_ratio"], half["retention_examples"], half["defense_examples"]) == (0.5, 16, 16)
+    for row in results["rows"]:
+        assert row["harmful_prompts"] == 4  # the demo corpus has one harmful prompt set
+        assert 0 <= row["harmful_irrelevant_rate"] <= 100 and 0 <= row["harmful_refusal_rate"] <= 100
+    for ratio in ("0", "0.5"):
+        assert (tmp_path / "runs" / f"retain_{ratio}" / "eval" / "results.json").exists()
+    # The demo corpus evaluates on its training prompts, and the sweep says so.
+    assert results["split_overlap"]["harmful_eval_prompts_in_defense_source"] == 4
+    if results["benign_evaluation"] == "eval.benign":
+        for row in results["rows"]:
+            assert row["benign_prompts"] and row["benign_on_topic_rate"] is not None
+            assert row["benign_refusal_rate"] is not None and row["benign_reference_nll"] is not None
+    else:  # this branch has no eval.benign yet: the benign columns stay empty, never invented
+        assert all(row["benign_on_topic_rate"] is None for row in results["rows"])
