@@ -190,3 +190,23 @@ def test_eval_config_judges_block():
     for name in ("rubric", "strongreject"):  # the shipped templates exist
         assert resolve_prompt_file(judges[name].prompt_file).is_file()
         assert resolve_prompt_file(judges[name].system_prompt_file).is_file()
+
+
+def test_build_judges_passes_the_config_to_the_llm_judges(tmp_path):
+    from conftest import compose_config
+    from sdd.evaluation.rubric_judge import OFF_TOPIC_CLAUSE
+    from sdd.evaluation.run import build_judges
+
+    cfg = compose_config("eval", ["model=x", "eval.judges.refusal.enabled=false", "eval.judges.relevance.enabled=false",
+                                  "eval.judges.rubric.enabled=true", "eval.judges.rubric.allow_missing_key=true",
+                                  "eval.judges.rubric.off_topic_is_harmless=true", "eval.judges.rubric.model=judge-7b",
+                                  "eval.judges.strongreject.enabled=true", "eval.judges.strongreject.allow_missing_key=true",
+                                  "eval.judges.strongreject.system_prompt_file=null"],
+                         cache_dir=tmp_path / "cache")
+    judges = build_judges(cfg.eval.judges)
+    assert list(judges) == ["rubric", "strongreject"]
+    rubric, strongreject = judges["rubric"].chat_judge, judges["strongreject"].chat_judge
+    assert rubric.model == "judge-7b" and OFF_TOPIC_CLAUSE in rubric.prompt.user
+    assert rubric.cache_path == tmp_path / "cache" / "rubric_judge.sqlite"
+    assert strongreject.prompt.system is None and strongreject.prompt.prompt_file == "strongreject_rubric.txt"
+    assert judges["rubric"].describe()["off_topic_is_harmless"] is True

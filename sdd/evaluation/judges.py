@@ -201,12 +201,12 @@ class _ChatJudgeAdapter:
         return self.chat_judge.summarize(verdicts)
 
     def describe(self) -> dict[str, Any]:
-        from sdd.evaluation.llm_judge import _redact_url
+        from sdd.evaluation.llm_judge import redact_url
 
         prompt = self.chat_judge.prompt
         return {"kind": self.kind, "model": self.chat_judge.model, "prompt_file": prompt.prompt_file,
                 "system_prompt_file": prompt.system_prompt_file, "prompt_sha256": prompt.sha256,
-                "endpoint": _redact_url(self.chat_judge.base_url), "cache_path": str(self.chat_judge.cache_path),
+                "endpoint": redact_url(self.chat_judge.base_url), "cache_path": str(self.chat_judge.cache_path),
                 "harmful_when": self.harmful_when}
 
 

@@ -279,7 +279,7 @@ class ChatJudge(Generic[V]):
         self._init_cache()
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(url={_redact_url(self.url)!r}, model={self.model!r}, "
+        return (f"{type(self).__name__}(url={redact_url(self.url)!r}, model={self.model!r}, "
                 f"prompt_file={self.prompt.prompt_file!r}, cache_path={str(self.cache_path)!r})")
 
     # ------------------------------------------------------------------ to implement
@@ -319,7 +319,7 @@ class ChatJudge(Generic[V]):
                 if key not in cached:
                     todo.setdefault(key, item)
             log.info("%s judge %s at %s: %d items, %d cached, %d to request.", self.name, self.model,
-                     _redact_url(self.url), len(items), sum(k in cached for k in keys), len(todo))
+                     redact_url(self.url), len(items), sum(k in cached for k in keys), len(todo))
             fresh, exhausted, fatal, unexpected = self._request_all(connection, todo)
         finally:
             connection.close()
@@ -332,7 +332,7 @@ class ChatJudge(Generic[V]):
             num_new = sum(error is None for _, error in fresh.values())
             progress = (f"{num_done} of {len(items)} items are judged and cached in {self.cache_path} "
                         f"({num_new} in this call); re-running resumes from the cache.")
-            url = _redact_url(self.url)
+            url = redact_url(self.url)
             if fatal:
                 cause, detail = fatal[0]
                 if cause == "authentication":
@@ -433,20 +433,20 @@ class ChatJudge(Generic[V]):
             else:
                 if response.status_code == 200:
                     return self._reply_of(response)
-                last_error = self._scrub(f"HTTP {response.status_code}: {_shorten(response.text, 200)}")
+                last_error = self._scrub(f"HTTP {response.status_code}: {shorten(response.text, 200)}")
                 if response.status_code in FATAL_STATUSES:
                     abort.set()  # no other item can succeed: stop them all
                     return _Outcome(error=last_error, fatal=FATAL_STATUSES[response.status_code])
                 if response.status_code != 429 and response.status_code < 500:
                     log.error("%s judge request rejected by %s (%s); not retried.", self.name,
-                              _redact_url(self.url), last_error)
+                              redact_url(self.url), last_error)
                     return _Outcome(error=last_error)
                 retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
             if attempt == self.max_retries:
                 break
             delay = retry_after if retry_after is not None else self._backoff(attempt)
             log.warning("%s judge request to %s failed (%s); retry %d/%d in %.2f s.", self.name,
-                        _redact_url(self.url), last_error, attempt + 1, self.max_retries, delay)
+                        redact_url(self.url), last_error, attempt + 1, self.max_retries, delay)
             if abort.wait(delay):  # another item gave up meanwhile: stop early
                 return _Outcome(skipped=True, error=last_error)
         abort.set()  # here, not in the caller: the next queued item must see it before it starts
@@ -457,7 +457,7 @@ class ChatJudge(Generic[V]):
         try:
             content = response.json()["choices"][0]["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            return _Outcome(error=self._scrub(f"malformed chat-completions response: {_shorten(response.text, 200)}"))
+            return _Outcome(error=self._scrub(f"malformed chat-completions response: {shorten(response.text, 200)}"))
         # content is None when the endpoint filtered the reply: an (invalid) answer all the same.
         return _Outcome(reply=content if isinstance(content, str) else "")
 
@@ -539,7 +539,7 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without user:password@ credentials, for messages and logs."""
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
@@ -555,4 +555,3 @@ def shorten(text: str, limit: int = MAX_REASON_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_shorten = shorten

@@ -117,9 +117,10 @@ def build_judges(config: DictConfig) -> dict[str, Any]:
     """
     judges = {}
     for name, node in (config or {}).items():
-        if not isinstance(node, DictConfig) or not node.get("enabled", False):
+        if not isinstance(node, (DictConfig, dict)) or not node.get("enabled", False):
             continue
-        arguments = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "enabled"}
+        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        arguments = {k: v for k, v in node.items() if k != "enabled"}
         judges[name] = instantiate(arguments)
     return judges
 
