@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # The harmfulness metric shown, in order of preference: the rubric judge's harmfulness score (1-5),
 # the moderation model's flagged rate, then the offline judges' compliance rate (on topic, not refused).
-HARM_METRICS = ("harmfulness_score", "harmfulness_rate", "flagged_rate", "compliance_rate")
+HARM_METRICS = ("harmfulness_score", "harmfulness_rate", "flagged_rate", "on_topic_compliance")
 NO_ATTACK = "none"
 AVERAGE = "capability/average"
 

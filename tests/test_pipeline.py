@@ -183,4 +183,4 @@ def test_the_whole_tiny_matrix_sweep_and_its_report(tmp_path):
 
     frame = pd.read_csv(sweep_dir / "report" / "results.csv")
     assert len(frame) == expected
-    assert frame["final/capability/average"].notna().all() and frame["final/harm/compliance_rate"].notna().all()
+    assert frame["final/capability/average"].notna().all() and frame["final/harm/on_topic_compliance"].notna().all()

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def evaluation(mmlu: float, openbookqa: float, harmfulness_score: float, compliance: float) -> dict:
     return {
         "harmfulness": {"overall": {"num_prompts": 10, "harmfulness_score": harmfulness_score,
-                                    "compliance_rate": compliance}},
+                                    "on_topic_compliance": compliance}},
         "capability": {"mmlu": {"acc": mmlu, "acc_norm": None, "num_samples": 100},
                        "openbookqa": {"acc": openbookqa, "acc_norm": 0.5, "num_samples": 100},
                        "lm_eval_version": "0.4"},
@@ -83,9 +83,9 @@ def test_worst_case_takes_the_most_harmful_attack_within_the_capability_budget(s
 
 
 def test_the_figure_is_a_png_and_a_metric_can_be_chosen(sweep):
-    paths = write_report(sweep, harm_metric="compliance_rate")
+    paths = write_report(sweep, harm_metric="on_topic_compliance")
     assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Harmfulness: `compliance_rate`" in paths["markdown"].read_text()
+    assert "Harmfulness: `on_topic_compliance`" in paths["markdown"].read_text()
     with pytest.raises(KeyError, match="found"):
         write_report(sweep, harm_metric="no_such_metric")
 
