@@ -62,7 +62,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             print(f"{name:24s} {state:9s} {stage.dir}\n{'':24s} overrides: {' '.join(stage.cfg.stage_overrides)}")
         return {"point": point, "planned": {name: str(stage.dir) for name, stage in stages.items()}}
 
-    record: dict[str, Any] = {"point": point, "stages": {}, "evaluations": {}}
+    from sdd.data.overlap import point_overlap
+
+    # Training data vs evaluation prompts, counted before anything trains (0 expected; a warning otherwise).
+    record: dict[str, Any] = {"point": point, "stages": {}, "evaluations": {}, "data_overlap": point_overlap(stages)}
     if planner.vanilla_model is not None:
         record["stages"]["defense"] = {"model_dir": planner.vanilla_model, "vanilla": True}
     for name, stage in stages.items():  # in order: each stage's input is an earlier stage's output
