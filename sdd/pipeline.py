@@ -270,4 +270,6 @@ def print_point(record: dict[str, Any]) -> None:
         harm = (evaluation.get("harmfulness") or {}).get("overall", {})
         capability = {k: v["acc"] for k, v in (evaluation.get("capability") or {}).items() if isinstance(v, dict)}
         shown = {k: round(v, 3) for k, v in harm.items() if isinstance(v, float)}
-        print(f"  {name}: harmfulness {shown} capability {capability}")
+        benign = {k: round(v, 3) for k, v in ((evaluation.get("benign") or {}).get("overall") or {}).items()
+                  if k in ("on_topic_rate", "refusal_rate", "reference_nll") and isinstance(v, float)}
+        print(f"  {name}: harmfulness {shown} benign {benign} capability {capability}")
