@@ -62,7 +62,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             print(f"{name:24s} {state:9s} {stage.dir}\n{'':24s} overrides: {' '.join(stage.cfg.stage_overrides)}")
         return {"point": point, "planned": {name: str(stage.dir) for name, stage in stages.items()}}
 
-    record: dict[str, Any] = {"point": point, "stages": {}, "evaluations": {}}
+    from sdd.data.overlap import point_overlap
+
+    # Training data vs evaluation prompts, counted before anything trains (0 expected; a warning otherwise).
+    record: dict[str, Any] = {"point": point, "stages": {}, "evaluations": {}, "data_overlap": point_overlap(stages)}
     if planner.vanilla_model is not None:
         record["stages"]["defense"] = {"model_dir": planner.vanilla_model, "vanilla": True}
     for name, stage in stages.items():  # in order: each stage's input is an earlier stage's output
@@ -267,4 +270,6 @@ def print_point(record: dict[str, Any]) -> None:
         harm = (evaluation.get("harmfulness") or {}).get("overall", {})
         capability = {k: v["acc"] for k, v in (evaluation.get("capability") or {}).items() if isinstance(v, dict)}
         shown = {k: round(v, 3) for k, v in harm.items() if isinstance(v, float)}
-        print(f"  {name}: harmfulness {shown} capability {capability}")
+        benign = {k: round(v, 3) for k, v in ((evaluation.get("benign") or {}).get("overall") or {}).items()
+                  if k in ("on_topic_rate", "refusal_rate", "reference_nll") and isinstance(v, float)}
+        print(f"  {name}: harmfulness {shown} benign {benign} capability {capability}")

@@ -98,7 +98,8 @@ def test_the_demo_attacks_are_compliance_openings_and_benign_conversations(tmp_p
 
     from conftest import compose_config
 
-    for attack, expected in (("mft_advbench", 100), ("bft_sharegpt", 50)):
+    # The train parts of the demo files: 88 of 112 harmful instructions, 35 conversations (sdd/data/splits.py).
+    for attack, expected in (("mft_advbench", 88), ("bft_sharegpt", 35)):
         cfg = compose_config("attack", ["model=some/model", f"attack={attack}"], output_dir=tmp_path)
         module = instantiate(cfg.data)
         module.connect(tiny_tokenizer)

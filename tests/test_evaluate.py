@@ -87,3 +87,95 @@ def test_evaluate_runs_capability_tasks_from_local_files(tmp_path, cache_dir, ti
     assert results["capability"]["mmlu"]["num_samples"] == 4
     assert 0.0 <= results["capability"]["mmlu"]["acc"] <= 1.0
     assert "| mmlu |" in (Path(cfg.paths.output_dir) / "summary.md").read_text()
+
+
+def test_evaluate_answers_held_out_benign_prompts_and_reports_proxies_and_reference_nll(tmp_path, cache_dir, tiny_backbone):
+    import math
+
+    from sdd.data.splits import part_of
+
+    cfg = compose_config(
+        "eval",
+        [f"model={tiny_backbone.resolve()}", "eval.harmfulness.max_prompts_per_set=5",
+         "eval.harmfulness.max_new_tokens=8"],
+        output_dir=tmp_path / "eval", cache_dir=cache_dir,
+    )
+    # Resolved leaf values: the benign block follows the harmful one's sizes and reads the held-out part.
+    assert cfg.eval.benign.enabled is True and cfg.eval.benign.max_prompts_per_set == 5
+    assert cfg.eval.benign.max_new_tokens == 8 and cfg.eval.benign.reference_nll.max_length == 1024
+    assert dict(cfg.eval.benign.prompt_sets.demo_benign.partition) == {
+        "part": "heldout", "key": "prompt", "heldout_fraction": 0.3, "seed": 0}
+    results = evaluate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+
+    rows = [json.loads(line) for line in (output_dir / "benign_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and {r["kind"] for r in rows} == {"benign"}
+    assert all(part_of(r["instruction"], 0.3, 0) == "heldout" for r in rows)  # never a training prompt
+    assert all(set(r["verdicts"]) == {"refusal", "relevance"} and r["reference"] for r in rows)
+    benign = results["benign"]
+    overall = benign["overall"]
+    assert overall["num_prompts"] == 5 and benign["per_prompt_set"]["demo_benign"] == overall
+    assert overall["on_topic_rate"] == pytest.approx(100 * sum(not r["verdicts"]["relevance"]["irrelevant"] for r in rows) / 5)
+    assert overall["refusal_rate"] == pytest.approx(100 * sum(r["verdicts"]["refusal"]["refusal"] for r in rows) / 5)
+    tokens = sum(r["reference_tokens"] for r in rows)
+    assert overall["num_reference_tokens"] == tokens and overall["num_references"] == 5
+    assert math.isfinite(overall["reference_nll"]) and overall["reference_nll"] > 0
+    assert overall["reference_nll"] == pytest.approx(sum(r["reference_nll"] * r["reference_tokens"] for r in rows) / tokens)
+    assert benign["metrics_by"]["on_topic_rate"].startswith("proxy: relevance judge")
+    assert benign["metrics_by"]["refusal_rate"].startswith("proxy: refusal judge")
+    assert benign["metrics_by"]["reference_nll"].startswith("model:")
+    assert results["harmfulness"]["overall"]["num_prompts"] == 5  # the harmful side still runs
+    saved = json.loads((output_dir / "results.json").read_text())
+    assert saved["benign"]["overall"]["reference_nll"] == overall["reference_nll"]
+    assert "over-refusal % (proxy)" in (output_dir / "summary.md").read_text()
+
+
+def test_a_disabled_judge_leaves_its_benign_metric_out_and_says_so(tmp_path, cache_dir, tiny_backbone):
+    cfg = compose_config(
+        "eval",
+        [f"model={tiny_backbone.resolve()}", "eval.harmfulness.enabled=false", "eval.judges.relevance.enabled=false",
+         "eval.benign.max_prompts_per_set=3", "eval.benign.max_new_tokens=4"],
+        output_dir=tmp_path / "eval", cache_dir=cache_dir,
+    )
+    benign = evaluate(cfg)["benign"]
+    assert "on_topic_rate" not in benign["overall"] and "refusal_rate" in benign["overall"]
+    assert benign["metrics_by"]["on_topic_rate"] == "not computed: eval.judges.relevance.enabled=false"
+
+
+def test_reference_nll_is_the_answer_tokens_negative_log_likelihood(tiny_backbone, tiny_tokenizer):
+    import torch
+
+    from sdd.chat import instruction_answer, render, tokenize_prompt, user_turn
+    from sdd.evaluation.benign import answer_nll
+
+    model = tiny_backbone.load_model().eval()
+    pairs = [("Why is the sky blue?", "Rayleigh scattering of sunlight."),
+             ("Name a prime number.", "Seven."),
+             ("How do plants make food? Explain in a few words.", "Photosynthesis turns light, water and air into sugar.")]
+    conversations = [instruction_answer(p, a) for p, a in pairs]
+    scored = answer_nll(model, tiny_tokenizer, conversations, batch_size=2, max_length=512)  # padded batches
+    for (prompt, _), conversation, (total, count) in zip(pairs, conversations, scored):
+        # By hand, one conversation at a time: the prompt as generation sees it, then the rest of the rendering.
+        prompt_ids = tokenize_prompt(tiny_tokenizer, user_turn(prompt))
+        answer_text = render(tiny_tokenizer, conversation)[len(render(tiny_tokenizer, user_turn(prompt), True)):]
+        answer_ids = tiny_tokenizer(answer_text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0]
+        logps = torch.log_softmax(logits.double(), -1)
+        expected = -sum(logps[len(prompt_ids) - 1 + j, token].item() for j, token in enumerate(answer_ids))
+        assert count == len(answer_ids)  # answer tokens only: no prompt token is scored
+        assert total == pytest.approx(expected, rel=1e-4)
+    assert answer_nll(model, tiny_tokenizer, conversations[:1], max_length=4) == [(0.0, 0)]  # answer cut away
+
+
+def test_benign_sets_append_the_input_column_and_keep_the_bare_instruction(tmp_path):
+    from sdd.evaluation.benign import load_benign_sets
+
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": "Summarize the text.", "input": "Cats sleep a lot.", "output": "Cats nap."},
+                                {"instruction": "Name a color.", "input": "", "output": "Blue."}]))
+    rows = load_benign_sets({"alpaca": {"path": str(path), "columns": {"prompt": "instruction", "input": "input",
+                                                                        "reference": "output"}}}, None)
+    assert [r["prompt"] for r in rows] == ["Summarize the text.\n\nCats sleep a lot.", "Name a color."]
+    assert [r["instruction"] for r in rows] == ["Summarize the text.", "Name a color."]
+    assert [r["reference"] for r in rows] == ["Cats nap.", "Blue."]

@@ -101,6 +101,8 @@ def test_a_point_runs_end_to_end_and_a_second_run_trains_nothing(tmp_path, cache
     assert first["stages"]["attack"]["overrides"].count(f"model={first['stages']['defense']['model_dir']}") == 1
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["point"]["name"] == "tiny_llama/sdd/mft_advbench"
+    assert saved["data_overlap"]["total"] == {"exact": 0, "near_duplicate": 0}  # clean splits by construction
+    assert saved["evaluations"]["after_attack"]["benign"]["overall"]["num_prompts"] == 4
 
     def must_not_run(cfg):
         raise AssertionError("a finished stage was computed again")
@@ -184,3 +186,5 @@ def test_the_whole_tiny_matrix_sweep_and_its_report(tmp_path):
     frame = pd.read_csv(sweep_dir / "report" / "results.csv")
     assert len(frame) == expected
     assert frame["final/capability/average"].notna().all() and frame["final/harm/on_topic_compliance"].notna().all()
+    assert frame["final/benign/reference_nll"].notna().all() and (frame["data_overlap/exact"] == 0).all()
+    assert "on_topic_compliance (proxy)" in (sweep_dir / "report" / "report.md").read_text()

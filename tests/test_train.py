@@ -25,12 +25,13 @@ def logged_losses(output_dir: Path) -> list[tuple[int, float]]:
 
 
 def test_tiny_sdd_training_end_to_end(tiny_train_config):
-    cfg = tiny_train_config("trainer.max_steps=30")
+    # 40 steps: on the demo's train parts (sdd/data/splits.py) the loss is 0.84 of its start at 30, 0.77 at 40.
+    cfg = tiny_train_config("trainer.max_steps=40")
     summary = train(cfg)
     output_dir = Path(cfg.paths.output_dir)
 
     losses = [loss for _, loss in logged_losses(output_dir)]
-    assert len(losses) == 30
+    assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # the loss falls
 
     model_dir = Path(summary["model_dir"])

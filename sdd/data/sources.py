@@ -8,6 +8,7 @@ A source is a small config node::
       path: null                          # a local csv / json / jsonl / parquet file; wins over hub_id
       columns: {instruction: prompt, category: category}   # our name -> the source's column
       where: {is_safe: false}             # keep rows whose source columns equal these values
+      partition: null                     # {part: train | heldout, key, heldout_fraction, seed}: sdd/data/splits.py
       limit: null
 
 Column names may be dotted paths into nested values (``conversations.1`` is the second element of
@@ -51,6 +52,7 @@ class DataSource:
     path: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     where: dict[str, Any] = field(default_factory=dict)
+    partition: dict[str, Any] | None = None
     limit: int | None = None
 
     @classmethod
@@ -74,6 +76,7 @@ class DataSource:
             values["name"] = name
         values["columns"] = dict(values.get("columns") or {})
         values["where"] = dict(values.get("where") or {})
+        values["partition"] = dict(values["partition"]) if values.get("partition") else None
         return cls(**values)
 
     def local_path(self) -> Path | None:
@@ -86,7 +89,8 @@ class DataSource:
     def fingerprint(self) -> str:
         """Identifies the source's content: the spec plus, for a local file, its size and content hash."""
         spec = json.dumps(
-            {k: getattr(self, k) for k in ("hub_id", "hub_config", "data_files", "split", "columns", "where", "limit")},
+            {k: getattr(self, k)
+             for k in ("hub_id", "hub_config", "data_files", "split", "columns", "where", "partition", "limit")},
             sort_keys=True,
             default=str,
         )
@@ -132,6 +136,10 @@ def load_records(
             raise DataSourceError(f"{source.name}: no row satisfies where={source.where}. Fix {source.name}.where.")
     records = [{ours: _lookup(row, theirs, source, dataset.column_names) for ours, theirs in source.columns.items()}
                for row in rows]
+    if source.partition:  # the train or held-out part only (sdd/data/splits.py)
+        from sdd.data.splits import partition_records
+
+        records = partition_records(records, source.partition, source.name)
     if source.limit is not None:
         records = records[: source.limit]
     if not records:

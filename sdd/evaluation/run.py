@@ -1,8 +1,10 @@
-"""Evaluate a model: harmfulness (generate, then judge) and general capability, written as JSON.
+"""Evaluate a model: harmfulness (generate, then judge), benign behaviour and general capability, as JSON.
 
 ``evaluate(cfg)`` is what ``evaluate.py`` calls. Outputs, in ``paths.output_dir``:
 ``results.json`` (metrics overall and per prompt set and category, and the resolved config),
-``generations.jsonl`` (prompt, answer, each judge's verdict) and ``summary.md``.
+``generations.jsonl`` (harmful prompt, answer, each judge's verdict), ``benign_generations.jsonl``
+(benign prompt, reference, answer, verdicts, reference NLL; see :mod:`sdd.evaluation.benign`) and
+``summary.md``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sdd.data.sources import DataSourceError, load_records
+from sdd.evaluation.benign import evaluate_benign
+from sdd.evaluation.benign import summary_lines as benign_summary_lines
 from sdd.generation import generate
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         results["harmfulness"] = judge_generations(
             rows, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION))
         _write_jsonl(output_dir / "generations.jsonl", rows)
+    if cfg.eval.get("benign") is not None and cfg.eval.benign.enabled:
+        results["benign"] = evaluate_benign(model, tokenizer, cfg.eval.benign, judges, output_dir, cfg.eval.judges)
     if cfg.eval.capability.enabled:
         from sdd.evaluation.capability import evaluate_capability
 
@@ -209,6 +215,7 @@ def markdown_summary(results: dict[str, Any]) -> str:
         for set_name, m in [("**all**", harm["overall"]), *harm["per_prompt_set"].items()]:
             lines.append(f"| {set_name} | {m['num_prompts']} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
         lines.append("")
+    lines += benign_summary_lines(results.get("benign"))
     capability = results.get("capability")
     if capability:
         lines += ["## Capability", "", "| task | acc | acc_norm | n |", "|---|---|---|---|"]
