@@ -143,7 +143,8 @@ class StagePlanner:
             self.vanilla_model = model = resolve_backbone(backbone_cfg)
         else:
             stages["defense"] = self.compose("train", "defense", [
-                f"backbone={point['backbone']}", f"defense={point['defense']}", *self.training_choices,
+                f"backbone={point['backbone']}", f"defense={point['defense']}", f"scale={cfg.stages.scale}",
+                *self.training_choices,
                 *cfg.stages.overrides.defense, *(cfg.stages.overrides.get("per_defense") or {}).get(point["defense"], []),
             ], label=f"{point['backbone']}-{point['defense']}")
             backbone_cfg = stages["defense"].cfg.backbone

@@ -50,6 +50,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         ``model_dir`` (the saved transformers folder), the final ``train/loss`` and data statistics.
     """
     check_strategy(cfg)
+    log.info(describe_training_size(cfg))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
@@ -203,3 +204,29 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"Final train/loss: {loss:.4f} after {summary['global_step']} steps")
     for sample in summary.get("samples", []):
         print(f"\n>>> {sample['prompt']}\n{sample['answer']}")
+
+
+def describe_training_size(cfg: DictConfig) -> str:
+    """One line naming what trains (the defense and its scale, or the attack) with its resolved sizes.
+
+    Raises:
+        ValueError: neither ``trainer.max_steps`` nor ``trainer.max_epochs`` bounds the run.
+    """
+    trainer, data = cfg.trainer, cfg.data
+    steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    if steps in (None, -1) and epochs in (None, -1):
+        raise ValueError("No training length: set trainer.max_steps=<steps>, or trainer.max_epochs=<epochs> with "
+                         "trainer.max_steps=-1.")
+    if epochs in (None, -1):
+        length = f"{steps} steps"
+    else:
+        length = f"{epochs} epoch{'s' * (epochs != 1)}" + ("" if steps in (None, -1) else f" (at most {steps} steps)")
+    accumulate = trainer.get("accumulate_grad_batches") or 1
+    batch = f"batch {data.get('batch_size')}" + (f" x {accumulate} accumulated" if accumulate != 1 else "")
+    if cfg.get("defense_name"):
+        what = f"defense {cfg.defense_name} at scale {cfg.get('scale_name', 'unnamed')}"
+    else:
+        what = f"attack {cfg.get('attack_name', 'unnamed')}"
+    schedule = cfg.scheduler.get("name", "none") if cfg.get("scheduler") else "none"
+    return (f"Training {what}: {data.get('num_examples')} examples, {batch}, {data.get('max_length')} tokens, "
+            f"{length}, lr {cfg.optimizer.lr:g}, {schedule} schedule (warmup {cfg.module.get('warmup_ratio', 0)})")

@@ -12,9 +12,13 @@ from conftest import compose_config
 
 
 def make(kind: str, backbone, tmp_path, *overrides: str):
-    """A defense's data module (connected, set up) and module (model loaded), from conf/."""
+    """A defense's data module (connected, set up) and module (model loaded), from conf/.
+
+    Full fine-tuning (``module.lora=null``), so that an objective's gradient identities are checked on every
+    weight; the LoRA adapters some defenses train by default (Booster, Vaccine, T-Vaccine) run end to end.
+    """
     cfg = compose_config(
-        "train", ["experiment=quick_tiny", f"defense={kind}", "data.num_examples=16", *overrides],
+        "train", ["experiment=quick_tiny", f"defense={kind}", "data.num_examples=16", "module.lora=null", *overrides],
         output_dir=tmp_path, cache_dir=tmp_path / "cache",
     )
     datamodule = instantiate(cfg.data)

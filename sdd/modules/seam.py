@@ -44,7 +44,9 @@ Interpretation and choices:
 - Only trainable parameters are perturbed (LoRA adapters under ``module.lora``); they are restored
   bit-exactly from a saved copy, also when a pass fails.
 - Published defaults: AdamW, lr 2e-5, cosine schedule, warmup 0.1, 8,000 examples, 256 tokens,
-  α = 1, β = 0.01, ε = 1e-3 (defense=seam sets them).
+  α = 1, β = 0.01, ε = 1e-3, no gradient clipping; the authors' batch 4 and one epoch (2,000 steps).
+  ``defense=seam`` sets them; ``scale=paper`` keeps them (train.py's default ``scale=cpu_demo``
+  replaces the sizes and length with the embedded CPU ones).
 - Precision: ε-perturbations of unit directions are far below half-precision resolution; keep
   the trainable weights in float32 (``backbone.dtype=float32``, ``trainer.precision=bf16-mixed``).
   fp16 loss scaling is refused (the similarity gradient is computed unscaled).
@@ -52,6 +54,26 @@ Interpretation and choices:
   of θ and one perturbed gradient (``offload_buffers=true`` keeps the first three on the CPU).
   DeepSpeed ZeRO is not supported (whole gradients and weights are read and edited); under DDP
   the similarity gradient is averaged across ranks.
+
+Where this differs from the authors' setup (``experiment=seam_grid``, ``defense=seam scale=paper``):
+- Alignment data: refusals to the same harmful prompts as the harmful stream, where the corpus has
+  such pairs (``corpus.paired_harmful_qa`` / ``corpus.paired_refusals``, read by ``data=seam``): on
+  ``corpus=local`` BeaverTails' prompt -> unsafe / prompt -> safe pairs; on ``corpus=hub`` PKU-SafeRLHF
+  pairs (one response safe, one unsafe; Hub BeaverTails rows are single responses and cannot be
+  paired), so the harmful stream is PKU-SafeRLHF's rather than BeaverTails'. A corpus without paired
+  sources falls back to ``corpus.harmful_qa`` and ``corpus.refusals`` (unpaired prompts).
+- Loss masking: answer tokens only for every stream (see above), not the authors' refusal-difference
+  mask on harmful answers and whole-sequence benign CE.
+- Not stated by the authors, our choices: AdamW weight decay 0 for the defense; 512 attack tokens;
+  the PEFT attacks' LoRA adapters (r 8, alpha 16, dropout 0.05, every linear layer; attack/*_lora.yaml).
+- Attacks (``seam_grid``): the authors' recipe (one epoch, batch 4, cosine with 10% warmup, weight
+  decay 0.01, no clipping) for all 11 attacks, SGD included; the attack data are BeaverTails harmful
+  QA (``corpus.harmful_qa``).
+- Evaluation: zero-shot MMLU, TruthfulQA MC1, ARC-Easy and HellaSwag through lm-evaluation-harness's
+  stock tasks (the authors' harness version and splits are not known); harmfulness by this project's
+  judges (the rubric judge in ``seam_grid``), which need not match the authors' HS (a percentage of
+  harmful answers). The fine-tuning scores (SST2, AGNEWS, GSM8K, AlpacaEval after benign
+  fine-tuning) are not reproduced.
 """
 
 from __future__ import annotations

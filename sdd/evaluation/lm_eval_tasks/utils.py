@@ -143,6 +143,7 @@ NORMALIZERS: dict[str, Callable[[dict], dict]] = {
     "mmlu": normalize_mmlu,
     "openbookqa": normalize_openbookqa,
     "arc_challenge": normalize_arc,
+    "arc_easy": normalize_arc,
     "hellaswag": normalize_hellaswag,
     "truthfulqa_mc1": normalize_truthfulqa_mc1,
 }
@@ -164,6 +165,7 @@ def _features(name: str):
         "mmlu": {"question": text, "choices": texts, "answer": Value("int64"), "subject": text},
         "openbookqa": {"question_stem": text, "choices": {"text": texts, "label": texts}, "answerKey": text},
         "arc_challenge": {"question": text, "choices": {"text": texts, "label": texts}, "answerKey": text},
+        "arc_easy": {"question": text, "choices": {"text": texts, "label": texts}, "answerKey": text},
         "hellaswag": {"query": text, "choices": texts, "gold": Value("int64")},
         "truthfulqa_mc1": {"question": text, "mc1_targets": {"choices": texts, "labels": Sequence(Value("int64"))}},
     }[name])
@@ -184,6 +186,7 @@ def process_openbookqa(dataset):
 
 
 def process_arc(dataset):
+    """ARC-Challenge and ARC-Easy: the same layout and normalizer."""
     return _process(dataset, "arc_challenge")
 
 
