@@ -82,6 +82,13 @@ def test_a_pipeline_point_on_the_demo_corpus_has_no_overlap(tmp_path, caplog):
     assert result["total"] == {"exact": 0, "near_duplicate": 0} and not caplog.records
 
 
+def test_a_retention_stream_counts_as_training_data_only_when_mixed(tmp_path):
+    mixed = point_overlap(plan(tmp_path, 'stages.overrides.defense=["data.retain_ratio=0.25"]'))
+    assert mixed["sources"]["defense/data.retain"] == "corpus.benign"
+    assert mixed["pairs"]["defense/data.retain"]["benign/demo_benign"] == {"exact": 0, "near_duplicate": 0}
+    assert "defense/data.retain" not in point_overlap(plan(tmp_path / "unmixed"))["train_sets"]
+
+
 def test_a_leaking_split_is_counted_and_named_in_a_warning(tmp_path, caplog):
     leak = 'stages.overrides.common=["corpus.eval_prompts.demo_harmful.partition=null"]'
     with caplog.at_level(logging.WARNING, logger="sdd.data.overlap"):

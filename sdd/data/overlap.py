@@ -157,6 +157,8 @@ def find_sources(node: Any, path: str) -> list[tuple[str, Any]]:
         return [(path, node)]
     found = []
     for key in node.keys():
+        if key == "retain" and not node.get("retain_ratio"):  # a retention source at ratio 0 is never read
+            continue
         found += find_sources(node.get(key), f"{path}.{key}")
     return found
 
