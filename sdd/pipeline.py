@@ -193,8 +193,9 @@ class StagePlanner:
         container = json.loads(text)
         for key in NOT_HASHED:
             container.pop(key, None)
-        # What the stage's data files hold, not only their names: an edited file is a new stage.
-        container["data_fingerprints"] = data_fingerprints(container)
+        # What the stage's data files hold, not only their names: an edited file is a new stage. The corpus
+        # node is the menu every stage config carries; what a stage reads is interpolated into its data / eval.
+        container["data_fingerprints"] = data_fingerprints({k: v for k, v in container.items() if k != "corpus"})
         text = json.dumps(container, sort_keys=True)
         for path, placeholder in self.placeholders:  # model folders of earlier stages, converted backbones
             text = text.replace(path, placeholder)

@@ -71,7 +71,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model of ``cfg`` on its data and save it as a transformers folder.
 
     A run killed midway resumes from ``<output_dir>/checkpoints/last.ckpt`` when started again with
-    the same output directory (``hydra.run.dir=<that run's folder>``), or from ``ckpt_path``.
+    the same output directory (``hydra.run.dir=<that run's folder>``) and the same config, or from
+    ``ckpt_path``. Everything that can be refused (values, GPU, a finished folder, a changed config) is
+    checked before anything is written or loaded.
 
     Returns:
         ``model_dir`` (the saved transformers folder), the final ``train/loss`` and data statistics.
@@ -194,8 +196,10 @@ def refuse_finished_run(output_dir: Path, cfg: DictConfig) -> None:
 
 def write_config(cfg: DictConfig, path: Path) -> None:
     """The resolved config as YAML, without credentials in URLs."""
+    import yaml
+
     container = scrub_credentials(OmegaConf.to_container(cfg, resolve=True))
-    _write_atomically(path, OmegaConf.to_yaml(OmegaConf.create(container)))
+    _write_atomically(path, yaml.safe_dump(container, sort_keys=False, allow_unicode=True))
 
 
 def comparable_config(cfg: DictConfig) -> dict[str, Any]:
@@ -263,7 +267,7 @@ def choose_checkpoint(cfg: DictConfig, checkpoint_dir: Path, run_config: dict[st
         return None
     if not cfg.get("resume", True):
         log.warning("resume=false: starting afresh; removing the earlier attempt's checkpoints in %s", checkpoint_dir)
-        shutil.rmtree(checkpoint_dir)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # ignore_errors: every rank of a job gets here
         return None
     for path in candidates:
         stored = _read_checkpoint(path)
@@ -327,7 +331,10 @@ def _set_aside(path: Path) -> Path:
     while aside.exists():
         number += 1
         aside = path.with_name(f"{path.name}.corrupt{number}")
-    path.rename(aside)
+    try:
+        path.rename(aside)
+    except FileNotFoundError:  # another rank of the same job moved it first
+        pass
     return aside
 
 

@@ -146,10 +146,15 @@ class Outcome:
 
     @property
     def message(self) -> str:
-        """The one line on stderr (progress bars aside); fails unless there is exactly one."""
+        """The one error line, the last on stderr; fails unless there is exactly one and no traceback.
+
+        Progress bars and Lightning's own ``INFO:`` lines may come before it, as in any run.
+        """
         lines = [line for line in self.stderr.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
-        assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n" + "\n".join(lines[-20:])
-        return lines[0]
+        errors = [line for line in lines if line.startswith("Error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], "expected one last error line:\n" + "\n".join(lines[-20:])
+        assert "Traceback" not in self.stderr
+        return errors[0]
 
 
 def run_entry(script: str, *args: str, env: dict[str, str] | None = None, fresh_process: bool = False) -> Outcome:
@@ -624,12 +629,14 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_complete_checkpoint(tiny
 def test_stage_hash_follows_the_content_of_its_data_files(tmp_path, cache_dir):
     from sdd.pipeline import StagePlanner, hydra_context
 
-    harmful = tmp_path / "harmful.jsonl"
+    harmful, advbench = tmp_path / "harmful.jsonl", tmp_path / "advbench.jsonl"
     shutil.copy(ROOT / "sdd" / "data" / "demo" / "harmful_instructions.jsonl", harmful)
+    shutil.copy(ROOT / "sdd" / "data" / "demo" / "harmful_instructions.jsonl", advbench)
 
     def keys():
+        common = f'stages.overrides.common=["corpus.harmful.path={harmful}","corpus.advbench.path={advbench}"]'
         point = compose_config("pipeline", ["experiment=tiny_matrix", "point.defense=sdd", "point.attack=mft_advbench",
-                                            f'stages.overrides.common=["corpus.harmful.path={harmful}"]'],
+                                            common],
                                log_dir=tmp_path / "logs", cache_dir=cache_dir, output_dir=tmp_path / "run")
         with hydra_context():
             return {name: stage.key for name, stage in StagePlanner(point, tmp_path / "stages").plan().items()}
@@ -642,6 +649,11 @@ def test_stage_hash_follows_the_content_of_its_data_files(tmp_path, cache_dir):
     assert edited["defense"] != first["defense"]  # SDD trains on corpus.harmful
     assert edited["evaluate_before_attack"] != first["evaluate_before_attack"]  # which also holds its eval prompts
     assert edited["attack"] != first["attack"]  # the attack reads the defended model, a new stage
+    advbench.write_text(advbench.read_text().replace("wifi", "WiFi"))  # read by the attack only
+    attack_data_edited = keys()
+    assert attack_data_edited["attack"] != edited["attack"]
+    assert {k: v for k, v in attack_data_edited.items() if k != "attack" and k != "evaluate_after_attack"} == \
+        {k: v for k, v in edited.items() if k != "attack" and k != "evaluate_after_attack"}  # the defense is kept
 
 
 def test_a_truncated_or_edited_pair_cache_is_rebuilt(tmp_path, caplog):
