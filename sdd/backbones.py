@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from sdd.chat import FALLBACK_CHAT_TEMPLATE, ensure_chat_template
+from sdd.chat import FALLBACK_CHAT_TEMPLATE, check_chat_template, ensure_chat_template
+from sdd.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ TINY_CHAT_TEMPLATE = (
 _TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError, RuntimeError):
     """A backbone cannot be loaded."""
 
 
@@ -97,7 +98,32 @@ class Backbone:
             return str(self._convert_smollm2_gguf())
         if self.source == "tiny":
             return str(self._build_tiny())
+        self._check_local_folder()
         return str(self.name_or_path)
+
+    def _check_local_folder(self) -> None:
+        """Refuse, naming the fix, a model path that is no model folder (before transformers, which takes
+        a missing folder for a malformed Hub id and an empty one for a tokenizer problem)."""
+        text = str(self.name_or_path)
+        folder = Path(text).expanduser()
+        fix = "Fix: model=<a folder holding config.json and weights, e.g. a run's model/ folder> (backbone.name_or_path)"
+        if not folder.exists():
+            # A Hub id is `name` or `owner/name`; anything else is meant as a path on this machine.
+            if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+                raise BackboneError(f"Model folder not found: {text}. {fix}, or a Hub id such as owner/name.")
+            return
+        if not folder.is_dir():
+            raise BackboneError(f"{text} is a file, not a model folder. {fix}.")
+        if not (folder / "config.json").is_file():
+            raise BackboneError(
+                f"{text} holds no config.json, so it is not a saved transformers model (empty, or a save that did "
+                f"not finish). {fix}."
+            )
+        if not any((folder / name).exists() for name in _TOKENIZER_FILES):
+            raise BackboneError(
+                f"{text} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}). Copy the tokenizer of the model it "
+                f"was trained from into it (tokenizer.save_pretrained), or {fix[5:]}."
+            )
 
     def _convert_smollm2_gguf(self) -> Path:
         target = self.cache_dir / "SmolLM2-135M-Instruct"
@@ -191,6 +217,7 @@ class Backbone:
             tokenizer.pad_token = tokenizer.eos_token
         if self.chat_template not in (None, "fallback"):
             tokenizer.chat_template = self.chat_template
+            check_chat_template(tokenizer)  # a broken override fails here, naming backbone.chat_template
         elif ensure_chat_template(tokenizer, FALLBACK_CHAT_TEMPLATE if self.chat_template else None):
             log.info("Backbone %s has no chat template: using the fallback template", self.name)
         return tokenizer
@@ -207,9 +234,29 @@ class Backbone:
             kwargs["attn_implementation"] = self.attn_implementation
         try:
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        except (OSError, ValueError) as error:
-            raise self._load_error(location, error) from error
+        except Exception as error:
+            folder = Path(location).expanduser()
+            if folder.is_dir():  # a local folder that exists but does not load: its weights are damaged
+                raise self._weights_error(folder, error) from error
+            if isinstance(error, (OSError, ValueError)):
+                raise self._load_error(location, error) from error
+            raise
         return model
+
+    def _weights_error(self, folder: Path, error: Exception) -> BackboneError:
+        weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if not weights:
+            return BackboneError(
+                f"{folder} has config.json but no weights (*.safetensors or *.bin). Fix: point model= "
+                "(backbone.name_or_path) at a complete model folder, or re-run the training that writes it."
+            )
+        damaged = [name for name in weights if name.endswith(".safetensors") and not _safetensors_readable(folder / name)]
+        where = f"{', '.join(damaged)} is damaged or incomplete" if damaged else f"its weights ({', '.join(weights)}) do not load"
+        return BackboneError(
+            f"Could not load the model in {folder}: {where} ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Fix: copy the folder again (an interrupted copy or save truncates files), or re-run the training "
+            "that wrote it."
+        )
 
     def _load_error(self, location: str, error: Exception) -> BackboneError:
         return BackboneError(
@@ -218,6 +265,22 @@ class Backbone:
             "sure this machine reaches the Hugging Face Hub (and, for gated models such as Llama-2, "
             "that HF_TOKEN is set). Offline, use backbone=smollm2_135m_instruct or backbone=tiny_llama."
         )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _safetensors_readable(path: Path) -> bool:
+    """True when the file's header parses and every tensor's bytes are present."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+        return True
+    except Exception:
+        return False
 
 
 def build_tiny_tokenizer(vocab_size: int = 512):

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from sdd.errors import UserError
+
 IGNORE_INDEX = -100
 
 Message = dict[str, str]
@@ -37,7 +39,7 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UserError, ValueError):
     """A conversation cannot be rendered or masked."""
 
 
@@ -74,9 +76,35 @@ def instruction_answer(instruction: str, answer: str, system_prompt: str | None 
 
 def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
     """Render messages to text with the tokenizer's chat template."""
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as error:  # syntax errors, and templates that raise on a message they reject
+        line = f" (line {error.lineno})" if getattr(error, "lineno", None) else ""
+        raise ChatFormatError(
+            f"The chat template does not render: {type(error).__name__}: {error}{line}. Fix backbone.chat_template "
+            "(a Jinja template over `messages`), or set backbone.chat_template=fallback to use the tokenizer's own."
+        ) from error
+
+
+def check_chat_template(tokenizer) -> None:
+    """Refuse a chat template that cannot render a user -> assistant exchange or drops the answer.
+
+    Run once when a tokenizer gets a template from ``backbone.chat_template``, so a broken template fails
+    before any model is loaded, with the key to fix.
+    """
+    probe = instruction_answer("Say the probe word.", "Tangerine-4417")
+    text = render(tokenizer, probe)
+    if "Tangerine-4417" not in text:
+        raise ChatFormatError(
+            "backbone.chat_template drops the assistant's answer (a rendered user -> assistant exchange does not "
+            "contain the answer), so there is nothing to train on. Fix backbone.chat_template: it must write every "
+            "message's content, assistant turns included."
+        )
+    segment_conversation(tokenizer, probe)
 
 
 def segment_conversation(tokenizer, messages: Sequence[Message]) -> list[tuple[str, bool]]:
@@ -100,9 +128,16 @@ def segment_conversation(tokenizer, messages: Sequence[Message]) -> list[tuple[s
                 "an assistant turn is not a prefix of the text including it), so answer tokens cannot "
                 "be located. Set backbone.chat_template to a template that does."
             )
+        answer_text = turn_text[len(prompt_text) :]
+        if not answer_text and message["content"]:
+            raise ChatFormatError(
+                "The chat template renders nothing for an assistant turn (the answer is dropped), so there is "
+                "nothing to train on. Fix backbone.chat_template: it must write every message's content, "
+                "assistant turns included."
+            )
         if len(prompt_text) > len(consumed):
             segments.append((prompt_text[len(consumed) :], False))
-        segments.append((turn_text[len(prompt_text) :], True))
+        segments.append((answer_text, True))
         consumed = turn_text
     return segments
 

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sdd.credentials import scrub_credentials
+
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -34,7 +37,7 @@ STAGE_RECORD = "stage.json"
 NONE = "none"
 # Keys that say where or how verbosely a stage runs, not what it computes: left out of its hash.
 NOT_HASHED = ("paths", "logger", "checkpoint", "ckpt_path", "prepare_only", "task_name", "sample_prompts",
-              "sample_max_new_tokens")
+              "sample_max_new_tokens", "resume", "overwrite")
 # Backbone settings the folder of a trained model does not carry: passed on to later stages.
 BACKBONE_SETTINGS = ("dtype", "trust_remote_code", "chat_template", "attn_implementation")
 
@@ -59,7 +62,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("dry_run"):
         for name, stage in stages.items():
             state = "finished" if (stage.dir / STAGE_RECORD).exists() else "to run"
-            print(f"{name:24s} {state:9s} {stage.dir}\n{'':24s} overrides: {' '.join(stage.cfg.stage_overrides)}")
+            overrides = " ".join(scrub_credentials(list(stage.cfg.stage_overrides)))
+            print(f"{name:24s} {state:9s} {stage.dir}\n{'':24s} overrides: {overrides}")
         return {"point": point, "planned": {name: str(stage.dir) for name, stage in stages.items()}}
 
     from sdd.data.overlap import point_overlap
@@ -78,7 +82,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     record["seconds"] = round(time.time() - started, 1)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(record, indent=2))
+    results_path = output_dir / "results.json"
+    temporary = results_path.with_name(f"results.json.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(scrub_credentials(record), indent=2))
+    temporary.replace(results_path)
     log.info("Point %s done in %.0f s (reused: %s); results in %s", point["name"], record["seconds"],
              record["reused_stages"] or "none", output_dir / "results.json")
     return record
@@ -190,6 +197,9 @@ class StagePlanner:
         container = json.loads(text)
         for key in NOT_HASHED:
             container.pop(key, None)
+        # What the stage's data files hold, not only their names: an edited file is a new stage. The corpus
+        # node is the menu every stage config carries; what a stage reads is interpolated into its data / eval.
+        container["data_fingerprints"] = data_fingerprints({k: v for k, v in container.items() if k != "corpus"})
         text = json.dumps(container, sort_keys=True)
         for path, placeholder in self.placeholders:  # model folders of earlier stages, converted backbones
             text = text.replace(path, placeholder)
@@ -212,15 +222,66 @@ class StagePlanner:
             record = {"kind": stage.kind, "key": stage.key, "dir": str(stage.dir),
                       "overrides": list(stage.cfg.stage_overrides), "seconds": round(time.time() - started, 1),
                       **result}
+            record = scrub_credentials(record)
             temporary = record_path.with_suffix(".tmp")
             temporary.write_text(json.dumps(record, indent=2))
             temporary.replace(record_path)  # atomic: a record exists only for a finished stage
         return {**record, "reused": False}
 
 
+def data_fingerprints(container: Any, prefix: str = "") -> dict[str, str]:
+    """``{config key: content fingerprint}`` of every local data source in a resolved stage config.
+
+    A data source is a mapping with ``columns`` and a ``path`` or ``hub_id`` (see
+    :mod:`sdd.data.sources`); capability benchmark files (``eval.capability.tasks``) are plain paths.
+    Hub sources are named by their spec, which the config already holds.
+    """
+    from sdd.data.sources import DataSource
+
+    found: dict[str, str] = {}
+    if isinstance(container, dict):
+        if "columns" in container and (container.get("path") or container.get("hub_id")):
+            fields = {k: v for k, v in container.items() if k in DataSource.__dataclass_fields__}
+            source = DataSource.from_config(fields, prefix or "data")
+            if source.local_path() is not None:
+                found[prefix] = _file_fingerprint(source)
+            return found
+        for key, value in container.items():
+            found.update(data_fingerprints(value, f"{prefix}.{key}" if prefix else str(key)))
+        if prefix.endswith("capability.tasks"):
+            for key, value in container.items():
+                if isinstance(value, str) and value not in ("hub",):
+                    found[f"{prefix}.{key}"] = _file_fingerprint(DataSource(name=key, path=value))
+    elif isinstance(container, list):
+        for index, value in enumerate(container):
+            found.update(data_fingerprints(value, f"{prefix}.{index}"))
+    return found
+
+
+_FINGERPRINTS: dict[tuple[Any, ...], str] = {}
+
+
+def _file_fingerprint(source: Any) -> str:
+    """``source.fingerprint()``, computed once per source and file version (size, mtime) in this process."""
+    local = source.local_path()
+    try:
+        stat = local.stat()
+        version = (repr(source), str(local.resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError:  # a missing file: the stage fails when it reads it, naming the fix
+        return source.fingerprint()
+    if version not in _FINGERPRINTS:
+        _FINGERPRINTS[version] = source.fingerprint()
+    return _FINGERPRINTS[version]
+
+
 def _train_stage(cfg: DictConfig) -> dict[str, Any]:
     from sdd.training import train
 
+    # A stage without a record is unfinished by definition (its folder is named by its config): train it
+    # even if a model/ was saved before the record was written; a checkpoint still resumes it.
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.overwrite = True
     summary = train(cfg)
     return {"model_dir": summary["model_dir"], "global_step": summary["global_step"],
             "metrics": summary.get("metrics", {})}

@@ -14,17 +14,26 @@ A source is a small config node::
 Column names may be dotted paths into nested values (``conversations.1`` is the second element of
 the ``conversations`` list). Records come back as plain dicts keyed by our names. Files shipped in
 the package are addressed as ``demo:<file name>``.
+
+A row whose value of a column the caller requires is missing or empty (an empty CSV cell, a null, an
+absent key, blank text, an empty list) is dropped, never turned into the text "None": the loader warns
+with the source and the count, and the returned list carries the count (``records.dropped_missing``)
+for the data statistics and manifests. When no row is left, that is an error naming the fix.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from sdd.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +41,7 @@ DEMO_DIR = Path(__file__).parent / "demo"
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
     """A data source is missing, malformed or unreachable; the message names the fix."""
 
 
@@ -103,17 +112,27 @@ class DataSource:
         return hashlib.sha256(spec.encode()).hexdigest()
 
 
+class Records(list):
+    """The records of a source (a plain list), with how many rows were dropped for missing values."""
+
+    def __init__(self, records: Sequence[dict[str, Any]] = (), dropped_missing: int = 0) -> None:
+        super().__init__(records)
+        self.dropped_missing = dropped_missing
+
+
 def load_records(
     source: DataSource | Mapping[str, Any], name: str | None = None, required: Sequence[str] = ()
-) -> list[dict[str, Any]]:
+) -> Records:
     """Load a source as a list of records keyed by our column names.
 
     Args:
-        required: our column names the caller needs; a source that does not map one is an error.
+        required: our column names the caller needs; a source that does not map one is an error, and a
+            row whose value of one is missing or empty is dropped (counted in ``dropped_missing``).
 
     Raises:
-        DataSourceError: missing file, unknown format, malformed file, missing column, a filter that
-            leaves nothing, or a Hub data set that cannot be reached.
+        DataSourceError: missing, empty or non-UTF-8 file, unknown format, malformed file, missing
+            column, a filter that leaves nothing, no row with all required values, or a Hub data set
+            that cannot be reached.
     """
     source = DataSource.from_config(source, name)
     unmapped = [c for c in required if c not in source.columns]
@@ -136,15 +155,41 @@ def load_records(
             raise DataSourceError(f"{source.name}: no row satisfies where={source.where}. Fix {source.name}.where.")
     records = [{ours: _lookup(row, theirs, source, dataset.column_names) for ours, theirs in source.columns.items()}
                for row in rows]
+    if not records:
+        fix = f"{source.name}.path" if source.local_path() is not None else f"{source.name}.split / .limit"
+        raise DataSourceError(f"{source.name}: the data set is empty ({_describe(source)}). Fix {fix}.")
+    complete = [r for r in records if not any(is_missing(r[c]) for c in required)]
+    dropped = len(records) - len(complete)
+    if not complete:
+        columns = ", ".join(f"'{source.columns[c]}'" for c in required)
+        raise DataSourceError(
+            f"{source.name}: no usable row: all {len(records)} rows have a missing or empty value in column(s) "
+            f"{columns} ({_describe(source)}). Fill in those values, or map the right column with "
+            f"{source.name}.columns.{required[0]}=<column>."
+        )
+    if dropped:
+        log.warning("%s: %d of %d rows dropped: a missing or empty value in %s (%s)", source.name, dropped,
+                    len(records), [source.columns[c] for c in required], _describe(source))
     if source.partition:  # the train or held-out part only (sdd/data/splits.py)
         from sdd.data.splits import partition_records
 
-        records = partition_records(records, source.partition, source.name)
+        complete = partition_records(complete, source.partition, source.name)
     if source.limit is not None:
-        records = records[: source.limit]
-    if not records:
-        raise DataSourceError(f"{source.name}: the data set is empty ({_describe(source)}).")
-    return records
+        complete = complete[: source.limit]
+    return Records(complete, dropped_missing=dropped)
+
+
+def is_missing(value: Any) -> bool:
+    """True for an absent value: None, NaN, blank text, or an empty list or mapping."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple, Mapping)):
+        return len(value) == 0
+    return False
 
 
 def _describe(source: DataSource) -> str:
@@ -165,6 +210,8 @@ def _load_dataset(source: DataSource):
                 f"{source.name}: cannot read '{local.suffix}' files ({local}); use one of "
                 f"{sorted(_FORMATS)}."
             )
+        if builder != "parquet":
+            _check_text_file(local, source)
         try:
             return datasets.load_dataset(builder, data_files=str(local), split="train")
         except Exception as error:  # datasets raises many types for a malformed file
@@ -191,13 +238,51 @@ def _load_dataset(source: DataSource):
         ) from error
 
 
+def _check_text_file(path: Path, source: DataSource) -> None:
+    """Refuse an empty file or one that is not UTF-8, saying where the first bad byte is."""
+    if not path.is_file():
+        raise DataSourceError(f"{source.name}: {path} is not a file. Fix {source.name}.path.")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, blank = 0, 0, True
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                position = offset + error.start
+                line = lines + chunk[: error.start].count(b"\n") + 1
+                with open(path, "rb") as again:
+                    head = again.read(4)
+                guess = ("it starts with a UTF-16 byte-order mark" if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+                         else "probably Latin-1 / Windows-1252")
+                encoding = "utf-16" if "UTF-16" in guess else "latin1"
+                raise DataSourceError(
+                    f"{source.name}: {path} is not UTF-8 text: byte 0x{chunk[error.start]:02x} at line {line} "
+                    f"(offset {position}) is not valid UTF-8 ({guess}). Fix: save the file as UTF-8, e.g. "
+                    f"iconv -f {encoding} -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}, and point "
+                    f"{source.name}.path at it."
+                ) from None
+            blank = blank and not text.strip()
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+    if blank:
+        raise DataSourceError(
+            f"{source.name}: {path} is empty. Fix {source.name}.path (a csv with a header row, or json / jsonl "
+            f"records with columns {sorted(source.columns.values())})."
+        )
+
+
 def _lookup(row: Mapping[str, Any], dotted: str, source: DataSource, column_names: list[str]) -> Any:
+    """The value at ``dotted`` in ``row``; None where a nested value is absent in this row (a missing
+    value), an error where the top-level column does not exist at all."""
     value: Any = row
-    for part in str(dotted).split("."):
+    for depth, part in enumerate(str(dotted).split(".")):
         if isinstance(value, Mapping) and part in value:
             value = value[part]
         elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
             value = value[int(part)]
+        elif depth > 0 and (value is None or isinstance(value, (list, tuple, Mapping))):
+            return None  # this row's nested value is absent (a null, a shorter list, a key not in this row)
         else:
             raise DataSourceError(
                 f"{source.name}: column '{dotted}' not found ({_describe(source)} has columns {column_names}). "

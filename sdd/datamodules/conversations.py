@@ -94,6 +94,13 @@ class ConversationDataModule(L.LightningDataModule):
         self.stats: dict[str, Any] = {}
         # Benign retention examples mixed in after the num_examples subset (set by subclasses that offer it).
         self.retention: RetentionStream | None = None
+        self.dropped_missing_values: dict[str, int] = {}  # source name -> rows without a required value
+
+    def load_source(self, source: DataSource, required: Sequence[str]) -> list[dict[str, Any]]:
+        """``load_records`` of ``source``, counting the rows dropped for a missing value in the stats."""
+        records = load_records(source, required=required)
+        self.dropped_missing_values[source.name] = records.dropped_missing
+        return records
 
     def connect(self, tokenizer, max_length: int | None = None) -> None:
         """Hand over run-time objects the config cannot hold."""
@@ -154,6 +161,7 @@ class ConversationDataModule(L.LightningDataModule):
             "val_examples": num_val,
             "truncated": truncated,
             "dropped_no_answer": no_answer_left,
+            "dropped_missing_values": dict(self.dropped_missing_values),
             "answer_tokens": sum(sum(l != IGNORE_INDEX for l in e.labels) for e in examples),
             "tokens": sum(len(e.input_ids) for e in examples),
         }
@@ -215,7 +223,7 @@ class InstructionAnswerDataModule(ConversationDataModule):
 
     def build_conversations(self) -> list[Conversation]:
         if self._conversations is None:
-            records = load_records(self.source, required=["instruction", "answer"])
+            records = self.load_source(self.source, required=["instruction", "answer"])
             self._conversations = [
                 instruction_answer(str(r["instruction"]), self.answer_prefix + str(r["answer"])) for r in records
             ]
@@ -258,7 +266,7 @@ class MultiTurnDataModule(ConversationDataModule):
 
     def build_conversations(self) -> list[Conversation]:
         if self._conversations is None:
-            records = load_records(self.source, required=["conversations"])
+            records = self.load_source(self.source, required=["conversations"])
             conversations = [self._convert(r["conversations"]) for r in records]
             self._conversations = [c for c in conversations if c]
             self.skipped = len(conversations) - len(self._conversations)

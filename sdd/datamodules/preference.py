@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sdd.chat import IGNORE_INDEX, Conversation, TokenizedExample, instruction_answer, tokenize_conversation
-from sdd.data.sources import DataSource, DataSourceError, load_records
+from sdd.data.sources import DataSource, DataSourceError
 from sdd.datamodules.conversations import ConversationDataModule, PadCollator, TokenizedDataset
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class PreferenceDataModule(ConversationDataModule):
 
     def build_pairs(self) -> list[tuple[Conversation, Conversation]]:
         if self._pairs is None:
-            records = load_records(self.source, required=["instruction", self.chosen_field, self.rejected_field])
+            records = self.load_source(self.source, required=["instruction", self.chosen_field, self.rejected_field])
             self._pairs = [
                 (
                     instruction_answer(str(r["instruction"]), str(r[self.chosen_field]), self.system_prompt),
@@ -112,6 +112,7 @@ class PreferenceDataModule(ConversationDataModule):
             "val_examples": num_val,
             "truncated": truncated,
             "dropped_no_answer": dropped,
+            "dropped_missing_values": dict(self.dropped_missing_values),
             "chosen_answer_tokens": sum(answer_tokens(p.chosen) for p in examples),
             "rejected_answer_tokens": sum(answer_tokens(p.rejected) for p in examples),
         }

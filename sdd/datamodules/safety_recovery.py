@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sdd.chat import IGNORE_INDEX, ChatFormatError, TokenizedExample, instruction_answer, tokenize_conversation
-from sdd.data.sources import DataSource, DataSourceError, load_records
+from sdd.data.sources import DataSource, DataSourceError
 from sdd.datamodules.conversations import ConversationDataModule
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class SafetyRecoveryDataModule(ConversationDataModule):
 
     def _load(self) -> list[dict[str, Any]]:
         if self._records is None:
-            self._records = load_records(self.source, required=["instruction", self.refusal_field, self.harmful_field])
+            self._records = self.load_source(self.source, required=["instruction", self.refusal_field, self.harmful_field])
         return self._records
 
     def build_conversations(self):
@@ -188,6 +188,7 @@ class SafetyRecoveryDataModule(ConversationDataModule):
             "train_examples": len(self.train_set),
             "val_examples": num_val,
             "dropped_prompt_too_long": len(records) - len(triplets),
+            "dropped_missing_values": dict(self.dropped_missing_values),
             "augment_prob": self.augment_prob,
             "mean_max_prefix_tokens": sum(t.max_prefix for t in triplets) / len(triplets),
             "refusal_tokens": sum(len(t.refusal_ids) for t in triplets),

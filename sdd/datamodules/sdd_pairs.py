@@ -170,14 +170,12 @@ def balanced_sample(
             pools[category].append(index)
     if categories:
         unknown = sorted(set(categories) - set(pools))
-        pools = {c: pools[c] for c in categories if c in pools}
-        if not pools:
+        if unknown:  # a typo must not silently narrow the data set
             raise DataSourceError(
-                f"The category filter {list(categories)} leaves no harmful instruction (unknown: {unknown}). "
-                "Fix data.builder.categories (null keeps every category)."
+                f"data.builder.categories names categories the harmful instructions do not have: {unknown}. "
+                f"Valid: {sorted(pools)}. Fix data.builder.categories (null keeps every category)."
             )
-        if unknown:
-            log.warning("Categories not in the data: %s", unknown)
+        pools = {c: pools[c] for c in categories}
     rng = np.random.default_rng(seed)
     names = sorted(pools)
     shuffled = {c: [pools[c][i] for i in rng.permutation(len(pools[c]))] for c in names}
@@ -282,7 +280,7 @@ class SDDPairBuilder:
             "min_answer_chars": self.min_answer_chars,
             "encoder": self.encoder,
             "seed": self.seed,
-            "version": 1,
+            "version": 2,  # 2: rows with a missing value are dropped (1 built them as the text "None")
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -298,26 +296,28 @@ class SDDPairBuilder:
         folder = self.output_dir()
         pairs_file, manifest_file = folder / "pairs.jsonl", folder / "manifest.json"
         if manifest_file.exists() and pairs_file.exists():
-            log.info("Reusing the SDD pair set in %s", folder)
-            with open(pairs_file, encoding="utf-8") as handle:
-                pairs = [json.loads(line) for line in handle]
-            return pairs, json.loads(manifest_file.read_text())
-        pairs, manifest = self._build(embed or sentence_embedder(self.encoder, self.encoder_batch_size))
+            cached = read_verified_cache(pairs_file, manifest_file)
+            if cached is not None:
+                log.info("Reusing the SDD pair set in %s", folder)
+                return cached
+        pairs, manifest = self._build(embed)
+        text = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+        manifest["pairs_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(pairs_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        _write_atomically(pairs_file, text)
         _write_atomically(manifest_file, json.dumps(manifest, indent=2))  # last: marks the set complete
         log.info("Wrote %d SDD pairs to %s", len(pairs), folder)
         return pairs, manifest
 
-    def _build(self, embed: Embedder) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _build(self, embed: Embedder | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         started = time.time()
         harmful = load_records(self.harmful, required=["instruction"])
-        harmful = _dedupe([r for r in harmful if str(r["instruction"]).strip()], "instruction")
-        if not harmful:
-            raise DataSourceError(f"{self.harmful.name}: no non-empty instruction.")
+        dropped_missing = {self.harmful.name: harmful.dropped_missing}
+        harmful = _dedupe(harmful, "instruction")
         answer_pool: list[dict[str, Any]] = []
         for source in self.answers:
             rows = load_records(source, required=["answer"])
+            dropped_missing[source.name] = rows.dropped_missing
             answer_pool += [{"answer": str(r["answer"]).strip(), "source": source.name.rsplit(".", 1)[-1]}
                             for r in rows]
         answer_pool = _dedupe([a for a in answer_pool if len(a["answer"]) >= self.min_answer_chars], "answer")
@@ -326,6 +326,10 @@ class SDDPairBuilder:
                 f"No answer of at least {self.min_answer_chars} characters in data.builder.answers."
             )
         sampled, sampling_stats = balanced_sample(harmful, self.num_pairs, self.seed, self.categories)
+        if embed is None:  # loaded after the data, so a bad data file fails before the encoder loads
+            encoder_started = time.time()
+            embed = sentence_embedder(self.encoder, self.encoder_batch_size)
+            started += time.time() - encoder_started  # the timings cover the build, not the encoder's loading
         loaded = time.time()
 
         # Each distinct text is embedded once, in batches; retries only index into these vectors.
@@ -363,6 +367,7 @@ class SDDPairBuilder:
             "harmful_instructions_available": len(harmful),
             "answers_available": len(answer_pool),
             "answers_per_source": dict(Counter(a["source"] for a in answer_pool)),
+            "dropped_missing_values": dropped_missing,  # rows without an instruction / answer, per source
             "rows_per_category": dict(sorted(Counter(p["category"] for p in pairs).items())),
             **sampling_stats,
             "resamples": int((result.tries - 1).sum()),
@@ -381,6 +386,27 @@ class SDDPairBuilder:
                               "match": round(matched - embedded, 3)},
         }
         return pairs, manifest
+
+
+def read_verified_cache(pairs_file: Path, manifest_file: Path) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """The cached pairs and manifest, or None (with a warning) when the pairs file does not match the
+    manifest: fewer or more pairs, a changed checksum, or a line that is not JSON (a truncated copy)."""
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        data = pairs_file.read_bytes()
+        pairs = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = f"unreadable ({type(error).__name__}: {error})"
+    else:
+        expected_sha = manifest.get("pairs_sha256")
+        if len(pairs) != manifest.get("num_pairs"):
+            problem = f"{len(pairs)} pairs where the manifest says {manifest.get('num_pairs')}"
+        elif expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
+            problem = "its checksum differs from the manifest's"
+        else:
+            return pairs, manifest
+    log.warning("The cached SDD pair set %s does not match its manifest (%s): building it again.", pairs_file, problem)
+    return None
 
 
 def _dedupe(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:

@@ -34,6 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from sdd.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PROMPTS_DIR = Path(__file__).with_name("judge_prompts")
@@ -47,11 +49,11 @@ FATAL_STATUSES = {401: "authentication", 403: "authentication", 404: "not found"
 _ITEM_PLACEHOLDER = re.compile(r"\{(instruction|prompt|response)\}")
 
 
-class JudgeConfigError(ValueError):
+class JudgeConfigError(UserError, ValueError):
     """The judge is misconfigured (unset key variable, bad template, ...); nothing was sent."""
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """A judge could not deliver its verdicts; the message names the cause and the fix."""
 
 

@@ -19,9 +19,11 @@ from typing import Any, Sequence
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sdd.credentials import scrub_credentials
 from sdd.data.sources import DataSourceError, load_records
 from sdd.evaluation.benign import evaluate_benign
 from sdd.evaluation.benign import summary_lines as benign_summary_lines
+from sdd.errors import require_device
 from sdd.generation import generate
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    require_device(cfg.eval.device, "eval.device")  # before anything loads
     backbone = instantiate(cfg.backbone)
     judges = build_judges(cfg.eval.judges)  # fail fast (missing key, bad labels) before generating
     tokenizer = backbone.load_tokenizer()
@@ -74,7 +77,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         results["gradient_separation"] = run_gradient_separation(model, tokenizer, cfg.eval.gradient_separation, output_dir)
     results["seconds"] = round(time.time() - started, 1)
-    results["config"] = OmegaConf.to_container(cfg, resolve=True)
+    results["config"] = scrub_credentials(OmegaConf.to_container(cfg, resolve=True))  # no user:pass@ in URLs
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "summary.md").write_text(markdown_summary(results))
     log.info("Results written to %s", output_dir)
