@@ -148,63 +148,17 @@ def check_local_files(sources: Iterable[Mapping[str, Any] | None], data_dir: Pat
 
 
 # ---------------------------------------------------------------------------- split overlap
-def normalized(text: str) -> str:
-    return " ".join(str(text).lower().split())
+def split_overlap(train_cfg, eval_cfg) -> dict[str, Any]:
+    """Evaluation prompts found in the defense's training sources (harmful and, when mixed, retention):
+    the pipeline's check (sdd/data/overlap.py), exact and near-duplicate, 0 expected."""
+    from types import SimpleNamespace
+
+    from sdd.data.overlap import point_overlap
+
+    return point_overlap({"defense": SimpleNamespace(kind="defense", cfg=train_cfg),
+                          "evaluate": SimpleNamespace(kind="evaluate", cfg=eval_cfg)})
 
 
-def data_sources(node: Any) -> list[dict[str, Any]]:
-    """Every data-source node (a mapping with ``columns`` and ``path`` or ``hub_id``) under ``node``."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    if not isinstance(node, dict):
-        return []
-    if "columns" in node and (node.get("path") or node.get("hub_id")):
-        return [node]
-    return [source for value in node.values() for source in data_sources(value)]
-
-
-def source_texts(sources: Iterable[Mapping[str, Any]], columns=("prompt", "instruction")) -> list[str]:
-    from sdd.data.sources import load_records
-
-    texts = []
-    for source in sources:
-        column = next((c for c in columns if c in source.get("columns", {})), None)
-        if column is not None:
-            texts += [str(r[column]) for r in load_records(source)]
-    return texts
-
-
-def split_overlap(train_cfg, eval_cfg, max_prompts: int) -> dict[str, Any]:
-    """Evaluation prompts found in the defense's harmful source and in the retention source (whole sources:
-    0 there means 0 for any subset drawn from them)."""
-    from sdd.evaluation.run import load_prompt_sets
-
-    defense_source = train_cfg.data.builder.harmful if "builder" in train_cfg.data else train_cfg.data.source
-    harmful_train = {normalized(t) for t in source_texts(data_sources(defense_source))}
-    harmful_eval = [r["prompt"] for r in load_prompt_sets(eval_cfg.eval.harmfulness.prompt_sets, max_prompts)]
-    overlap: dict[str, Any] = {
-        "harmful_eval_prompts": len(harmful_eval),
-        "harmful_eval_prompts_in_defense_source": sum(normalized(t) in harmful_train for t in harmful_eval),
-    }
-    benign_sources = data_sources(eval_cfg.eval.get("benign"))
-    retain_sources = data_sources(train_cfg.data.get("retain"))
-    if benign_sources and retain_sources:
-        retained = {normalized(t) for t in source_texts(retain_sources)}
-        benign_eval = source_texts(benign_sources)
-        overlap["benign_eval_prompts"] = len(benign_eval)
-        overlap["benign_eval_prompts_in_retain_source"] = sum(normalized(t) in retained for t in benign_eval)
-    else:
-        overlap["benign_eval_prompts_in_retain_source"] = None  # nothing to compare (no eval.benign source)
-    for key in ("harmful_eval_prompts_in_defense_source", "benign_eval_prompts_in_retain_source"):
-        if overlap[key]:
-            print(f"WARNING: {overlap[key]} evaluation prompts also occur in the training sources ({key}); "
-                  "those rows do not measure held-out behaviour.")
-    return overlap
-
-
-# ---------------------------------------------------------------------------- one row
 def table_row(label: str, ratio: float | None, summary: Mapping[str, Any] | None, results: Mapping[str, Any]) -> dict:
     """A row of the table from a training summary (None for the untrained backbone) and evaluation results."""
     harmful = (results.get("harmfulness") or {}).get("overall", {})
@@ -234,6 +188,7 @@ def table_row(label: str, ratio: float | None, summary: Mapping[str, Any] | None
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    from sdd.data.overlap import find_sources
     from sdd.evaluation.run import evaluate
     from sdd.training import train
 
@@ -241,18 +196,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.data_dir is not None:
         args.data_dir = args.data_dir.expanduser().resolve()
     else:
-        print("No --data-dir: the demo corpus (a smoke test; its harmful evaluation prompts are the training prompts).")
+        print("No --data-dir: the demo corpus (a smoke test of the sweep, not a measurement).")
     info = machine()
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="retention-sweep-")).resolve()
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     try:
-        first = train_config(args, args.ratios[0], work_dir / "check")
+        first = train_config(args, max(args.ratios), work_dir / "check")  # the retention source too
         check_local_files([first.data.get("retain"), first.data.get("source"),
-                           *data_sources(first.data.get("builder"))], args.data_dir)
+                           *[node for _, node in find_sources(first.data.get("builder"), "builder")]], args.data_dir)
         cache_dir = str(first.paths.cache_dir)
         probe = eval_config(args, None, work_dir / "check", cache_dir)
-        overlap = split_overlap(first, probe, args.max_prompts)
+        overlap = split_overlap(first, probe)
         benign_available = probe.eval.get("benign") is not None
         if not benign_available:
             print("WARNING: conf/eval.yaml has no eval.benign: the benign columns stay empty.")

@@ -208,7 +208,9 @@ def tiny_model(tiny_backbone) -> Path:
 # Each case: files it needs -> (entry point, arguments, what the one line must say, what must not be written).
 def _empty_answers(tmp_path, model):
     (tmp_path / "ea.csv").write_text("answer,note\n,x\n,y\n")  # the command: every answer cell empty
-    return "train.py", ["backbone=tiny_llama", "prepare_only=true", f"corpus.answers.demo_benign.path={tmp_path / 'ea.csv'}"], \
+    # The demo's answer pool also maps `instruction`, only to pick its train part (sdd/data/splits.py).
+    return "train.py", ["backbone=tiny_llama", "prepare_only=true", f"corpus.answers.demo_benign.path={tmp_path / 'ea.csv'}",
+                        "corpus.answers.demo_benign.columns.instruction=note"], \
         [r"corpus\.answers\.demo_benign: no usable row", "missing or empty", r"corpus\.answers\.demo_benign\.columns\.answer="]
 
 
@@ -453,7 +455,8 @@ def test_partly_empty_answers_train_on_the_real_ones_only(tiny_train_config, tmp
 
     answers = tmp_path / "ea.csv"
     answers.write_text("answer,note\n,x\nKeep basil in a sunny window and water it when the soil is dry.,y\n \t,z\n")
-    summary = train(tiny_train_config("prepare_only=true", f"corpus.answers.demo_benign.path={answers}"))
+    summary = train(tiny_train_config("prepare_only=true", f"corpus.answers.demo_benign.path={answers}",
+                                      "corpus.answers.demo_benign.columns.instruction=note"))
     manifest = summary["data_manifest"]
     assert manifest["dropped_missing_values"]["corpus.answers.demo_benign"] == 2
     assert manifest["answers_available"] == 1
@@ -734,7 +737,7 @@ def test_a_pipeline_killed_during_its_attack_resumes_it_and_changes_nothing_else
         '"trainer.max_steps=2","sample_prompts=null"]',
         # long enough to be killed midway, a checkpoint at every step
         'stages.overrides.attack=["data.num_examples=16","data.batch_size=8","data.max_length=96",'
-        '"trainer.max_steps=40","checkpoint.every_n_steps=1","sample_prompts=null"]',
+        '"trainer.max_steps=40","trainer.max_epochs=-1","checkpoint.every_n_steps=1","sample_prompts=null"]',
         'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=2","eval.harmfulness.max_new_tokens=2",'
         f'"eval.judges.relevance.enabled=false","eval.capability.enabled=false","eval.judges.rubric.base_url={SECRET_URL}"]',
     ]

@@ -253,7 +253,7 @@ def test_records_without_an_answer_or_instruction_are_dropped(tmp_path):
     assert stream.info["usable_records"] == 2 and stream.info["dropped_unusable_records"] == 4
 
     path.write_text(json.dumps({"instruction": "Only?", "answer": ""}) + "\n")
-    with pytest.raises(DataSourceError, match=r"no record has both an instruction and an answer"):
+    with pytest.raises(DataSourceError, match=r"no usable row"):
         RetentionStream({"path": str(path), "columns": {"instruction": "instruction", "answer": "answer"}},
                         ratio=0.5).draw(2)
 
@@ -335,7 +335,8 @@ def test_sweep_runs_on_the_tiny_backbone_and_demo_corpus(tmp_path, cache_dir):
     for ratio in ("0", "0.5"):
         assert (tmp_path / "runs" / f"retain_{ratio}" / "eval" / "results.json").exists()
     # The demo corpus evaluates on its training prompts, and the sweep says so.
-    assert results["split_overlap"]["harmful_eval_prompts_in_defense_source"] == 4
+    assert results["split_overlap"]["total"] == {"exact": 0, "near_duplicate": 0}  # held-out evaluation prompts
+    assert "defense/data.retain" in results["split_overlap"]["train_sets"]
     if results["benign_evaluation"] == "eval.benign":
         for row in results["rows"]:
             assert row["benign_prompts"] and row["benign_on_topic_rate"] is not None

@@ -27,7 +27,6 @@ mixed in by the data module, after the defense's own set is built.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -68,12 +67,6 @@ def retention_count(num_defense: int, ratio: float) -> int:
     if num_defense < 0:
         raise ValueError(f"num_defense must be >= 0, got {num_defense}")
     return int(round(num_defense * ratio / (1.0 - ratio)))
-
-
-def _usable(value: Any) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return False
-    return bool(str(value).strip())
 
 
 def draw_indices(pool_size: int, count: int, seed: int) -> np.ndarray:
@@ -130,19 +123,11 @@ class RetentionStream:
         if self._records is None:
             if self.source is None:
                 raise RuntimeError("No retention source: retain_ratio is 0.")
+            # The shared loader drops (and counts) rows whose instruction or answer is missing or blank,
+            # and raises when none is left.
             loaded = load_records(self.source, required=["instruction", "answer"])
-            self._records = [{"instruction": str(r["instruction"]), "answer": str(r["answer"])}
-                             for r in loaded if _usable(r["instruction"]) and _usable(r["answer"])]
-            self.dropped_unusable = len(loaded) - len(self._records)
-            if self.dropped_unusable:
-                log.info("%s: %d of %d records dropped (missing or blank instruction or answer)",
-                         self.source.name, self.dropped_unusable, len(loaded))
-            if not self._records:
-                raise DataSourceError(
-                    f"{self.source.name}: no record has both an instruction and an answer, so there is nothing "
-                    f"to mix in at {RATIO_KEY}={self.ratio}. Fix the source's columns "
-                    f"({SOURCE_KEY}.columns.instruction / .answer) or set {RATIO_KEY}=0."
-                )
+            self._records = [{"instruction": str(r["instruction"]), "answer": str(r["answer"])} for r in loaded]
+            self.dropped_unusable = loaded.dropped_missing
         return self._records
 
     def draw(self, num_defense: int) -> list[Conversation]:
