@@ -332,3 +332,33 @@ def test_evaluate_with_the_openai_backend_and_no_likelihoods_loads_no_weights(
     assert results["harmfulness"]["overall"]["refusal_rate"] == 0.0
     assert "reference_nll" not in results["benign"]["overall"]
     assert results["benign"]["metrics_by"]["reference_nll"] == "not computed: eval.benign.reference_nll.enabled=false"
+
+
+def test_a_pipeline_evaluation_stage_is_named_by_what_changes_its_answers(tmp_path, monkeypatch):
+    from omegaconf import open_dict
+
+    from sdd.pipeline import StagePlanner, hydra_context
+
+    monkeypatch.setattr("sdd.pipeline.resolve_backbone", lambda backbone: f"/models/{backbone.name}")
+
+    def evaluation(*overrides: str):
+        evaluate = ",".join(f'"{o}"' for o in overrides)
+        cfg = compose_config("pipeline", ["experiment=tiny_matrix", "point.defense=none", "point.attack=none",
+                                          f"stages.overrides.evaluate=[{evaluate}]"],
+                             log_dir=tmp_path, cache_dir=tmp_path / "cache", output_dir=tmp_path / "run")
+        with hydra_context():
+            planner = StagePlanner(cfg, tmp_path / "stages")
+            return planner, planner.plan()["evaluate_before_attack"]
+
+    planner, local = evaluation()
+    without_block = local.cfg.copy()
+    with open_dict(without_block):
+        del without_block.eval.generation
+        del without_block.stage_overrides  # written into the stage's config after its hash
+    assert planner.config_key(without_block) == local.key  # the block left the local backend's hash as it was
+    assert evaluation("eval.generation.openai.max_concurrency=3")[1].key == local.key  # unused by local
+    remote = evaluation("eval.generation.backend=openai")[1]
+    assert remote.key != local.key
+    assert evaluation("eval.generation.backend=openai", "eval.generation.openai.max_retries=9",
+                      "eval.generation.openai.timeout_seconds=5")[1].key == remote.key  # transport only
+    assert evaluation("eval.generation.backend=openai", "eval.generation.openai.api=chat")[1].key != remote.key

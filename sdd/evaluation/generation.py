@@ -271,6 +271,29 @@ class OpenAIGenerator:
 
 # ---------------------------------------------------------------------------------------- choosing
 
+# How requests travel, not what they compute: left out of a pipeline stage's hash.
+TRANSPORT_SETTINGS = ("api_key_env", "allow_missing_key", "cache_path", "max_concurrency", "max_retries",
+                      "backoff_seconds", "timeout_seconds")
+
+
+def drop_unhashed_generation_settings(config: dict[str, Any]) -> None:
+    """Remove from a resolved stage config (in place) the generation settings that change no answer.
+
+    With ``backend: local`` the server block computes nothing, so the whole ``eval.generation`` block goes
+    (an evaluation stage keeps the hash it had before the block existed); with ``openai`` the transport
+    settings go (:data:`TRANSPORT_SETTINGS`), and what decides the answers stays (backend, endpoint,
+    model, api, vllm_fields).
+    """
+    evaluation = config.get("eval")
+    generation = evaluation.get("generation") if isinstance(evaluation, dict) else None
+    if not isinstance(generation, dict):
+        return
+    if generation.get("backend", "local") == "local":
+        evaluation.pop("generation")
+    elif isinstance(generation.get("openai"), dict):
+        for key in TRANSPORT_SETTINGS:
+            generation["openai"].pop(key, None)
+
 
 def backend_of(eval_config: Mapping[str, Any]) -> str:
     """The configured backend (``eval.generation.backend``; ``local`` when the block is absent).
