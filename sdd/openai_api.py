@@ -245,7 +245,7 @@ class EndpointClient:
                 api_key_env: str, resume: str, num_done: int, num_total: int,
                 endpoint_error: type[EndpointError] = EndpointError,
                 authentication_error: type[EndpointError] = EndpointAuthenticationError,
-                model_hint: str = "") -> EndpointError:
+                model_hint: str = "", down_hint: str = "") -> EndpointError:
         """The one-line error of a stopped batch (raise it; re-raise ``result.unexpected`` first).
 
         Args:
@@ -258,6 +258,7 @@ class EndpointClient:
             num_done, num_total: the items of the call that are done, and all of them.
             endpoint_error, authentication_error: the exception types to return.
             model_hint: appended after the model name of a 404 message.
+            down_hint: a sentence put before ``resume`` when the endpoint is down.
         """
         url = redact_url(self.url)
         counts = {"url": url, "num_done": num_done, "num_total": num_total}
@@ -273,7 +274,8 @@ class EndpointClient:
                 f"<base_url>/{self.route}) and the {model_noun} name '{model}'{model_hint}. {resume}", **counts)
         return endpoint_error(
             f"The {who} endpoint {url} is down or unreachable: it kept failing after {self.settings.max_retries} "
-            f"retries ({result.exhausted[0] if result.exhausted else 'unknown error'}). {resume}", **counts)
+            f"retries ({result.exhausted[0] if result.exhausted else 'unknown error'}).{' ' + down_hint if down_hint else ''} "
+            f"{resume}", **counts)
 
     def _post_one(self, client: httpx.Client, body: dict[str, Any], abort: threading.Event) -> _Outcome:
         """POST one body, retrying on connection errors, timeouts, 429 and 5xx."""

@@ -153,6 +153,7 @@ def test_an_interrupted_run_resumes_with_the_missing_prompts_only(endpoint, make
     assert (caught.value.num_done, caught.value.num_total) == (4, len(PROMPTS))
     message = str(caught.value)
     assert "down or unreachable" in message and "4 of 10 answers are cached" in message and "\n" not in message
+    assert "Fix: start the server" in message and "eval.generation.openai.base_url" in message
     answered = {r["body"]["prompt"] for r in endpoint.requests[:4]}
 
     endpoint.requests.clear()
@@ -308,6 +309,7 @@ def test_evaluate_with_the_openai_backend_writes_harmful_and_benign_metrics(
     generation = results["generation"]
     assert (generation["backend"], generation["api"], generation["endpoint"]) == ("openai", "completions",
                                                                                   endpoint.url + "/completions")
+    assert f"at {endpoint.url}/completions (eval.generation.backend=openai)" in (output_dir / "summary.md").read_text()
     saved = json.loads((output_dir / "results.json").read_text())
     assert saved["generation"] == generation and saved["config"]["eval"]["generation"]["backend"] == "openai"
 

@@ -193,7 +193,8 @@ class OpenAIGenerator:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "openai", "decoding": "greedy", "endpoint": redact_url(self.url), "model": self.model,
-                "api": self.api, "stop_token_ids": self.stop_token_ids, "cache_path": str(self.cache_path)}
+                "api": self.api, "stop_token_ids": self.stop_token_ids, "vllm_fields": self.vllm_fields,
+                "cache_path": str(self.cache_path)}
 
     def request_body(self, conversation: Conversation, max_new_tokens: int) -> dict[str, Any]:
         """The JSON body asking for the greedy answer to one conversation (ending with a user turn)."""
@@ -254,7 +255,8 @@ class OpenAIGenerator:
                 result, who="generation", config_key=CONFIG_KEY, model=self.model, model_noun="model",
                 api_key_env=self.api_key_env, resume=resume, num_done=num_done, num_total=len(keys),
                 endpoint_error=GenerationEndpointError, authentication_error=GenerationAuthenticationError,
-                model_hint=" (vLLM serves `vllm serve <folder>` as that folder, as written, or as --served-model-name)")
+                model_hint=" (vLLM serves `vllm serve <folder>` as that folder, as written, or as --served-model-name)",
+                down_hint=f"Fix: start the server (e.g. `vllm serve <model folder>`) or point {CONFIG_KEY}.base_url at it.")
         if result.errors:
             first = next(iter(result.errors.values()))
             raise GenerationRequestError(

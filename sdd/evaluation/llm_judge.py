@@ -28,7 +28,6 @@ from typing import Any, Generic, Mapping, Sequence, TypeVar
 
 from sdd.errors import UserError
 from sdd.openai_api import (  # noqa: F401  (redact_url, shorten: re-exported for the judges' modules)
-    FATAL_STATUSES,
     EndpointAuthenticationError,
     EndpointClient,
     EndpointError,

@@ -46,13 +46,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     judges = build_judges(cfg.eval.judges)  # fail fast (missing key, bad labels) before generating
     backend = backend_of(cfg.eval)
     tokenizer = backbone.load_tokenizer()
-    if backend == "openai":  # built before the weights load: a missing key or a bad setting fails first
-        generator = build_openai_generator(cfg.eval.generation.openai, backbone, tokenizer)
+    # The server's generator is built before the weights load: a missing key or a bad setting fails first.
+    remote = build_openai_generator(cfg.eval.generation.openai, backbone, tokenizer) if backend == "openai" else None
     # With backend=openai the weights load only for likelihoods (reference NLL, capability, gradients).
     device = cfg.eval.device or ("cuda" if _cuda() else "cpu")
     model = backbone.load_model().to(device).eval() if needs_local_model(cfg.eval) else None
-    if backend == "local":
-        generator = LocalGenerator(model, tokenizer, device)
+    generator = remote or LocalGenerator(model, tokenizer, device)
 
     results: dict[str, Any] = {
         "model": backbone.resolve() if backbone.source == "pretrained" else backbone.name,
@@ -224,6 +223,9 @@ def judge_generations(rows: list[dict[str, Any]], judges: dict[str, Any],
 
 def markdown_summary(results: dict[str, Any]) -> str:
     lines = [f"# Evaluation of `{results['model']}`", ""]
+    generation = results.get("generation") or {}
+    if generation.get("backend") == "openai":
+        lines += [f"Answers: greedy, from `{generation['model']}` at {generation['endpoint']} (eval.generation.backend=openai).", ""]
     harm = results.get("harmfulness")
     if harm:
         keys = [k for k in harm["overall"] if k != "num_prompts"]
