@@ -93,7 +93,7 @@ def generate_answers(generator: AnswerGenerator, prompts: Sequence[str], *, max_
     """Greedy answers to ``prompts`` from the evaluation's backend (every evaluation answer comes from here).
 
     Args:
-        generator: the backend :func:`build_generator` chose (local model or OpenAI-compatible server).
+        generator: the evaluation's backend, :class:`LocalGenerator` or :class:`OpenAIGenerator`.
         prompts: single-turn user prompts.
         max_new_tokens: most tokens per answer.
         batch_size: prompts per forward pass of the local backend (a server batches on its own).
