@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdd.credentials import scrub_credentials
+from sdd.evaluation.generation import drop_unhashed_generation_settings
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class StagePlanner:
         container = json.loads(text)
         for key in NOT_HASHED:
             container.pop(key, None)
+        drop_unhashed_generation_settings(container)  # eval.generation: only what changes the answers
         # What the stage's data files hold, not only their names: an edited file is a new stage. The corpus
         # node is the menu every stage config carries; what a stage reads is interpolated into its data / eval.
         container["data_fingerprints"] = data_fingerprints({k: v for k, v in container.items() if k != "corpus"})

@@ -1,4 +1,7 @@
-"""A scriptable local chat-completions server (127.0.0.1, no network) for the LLM judges' tests."""
+"""A scriptable local OpenAI-compatible server (127.0.0.1, no network) for the LLM judges' and generation tests.
+
+It answers POSTs to ``.../chat/completions`` (a chat message) and ``.../completions`` (a text completion).
+"""
 
 from __future__ import annotations
 
@@ -35,10 +38,15 @@ def score_by_answer(user_text: str) -> Reply:
 
 
 class FakeEndpoint:
-    """Records requests (headers, body) and in-flight peak; ``respond(user_text)`` scripts the answer."""
+    """Records requests (headers, body) and in-flight peak; ``respond(text)`` scripts the answer.
+
+    ``text`` is the last chat message's content, or a completion request's prompt. ``respond_body(body)``,
+    when set, gets the whole request body instead.
+    """
 
     def __init__(self) -> None:
         self.respond: Callable[[str], Reply] = score_by_answer
+        self.respond_body: Callable[[dict], Reply] | None = None
         self.delay = 0.0
         self.requests: list[dict] = []
         self.in_flight = 0
@@ -55,16 +63,21 @@ class FakeEndpoint:
                     endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
                 try:
                     time.sleep(endpoint.delay)
-                    reply = endpoint.respond(body["messages"][-1]["content"])
+                    if endpoint.respond_body is not None:
+                        reply = endpoint.respond_body(body)
+                    else:
+                        reply = endpoint.respond(body["messages"][-1]["content"] if "messages" in body else body["prompt"])
                 finally:
                     with endpoint.lock:
                         endpoint.in_flight -= 1
                 if reply.raw is not None:
                     payload = reply.raw.encode()
-                else:
+                elif self.path.endswith("/chat/completions"):
                     payload = json.dumps(
                         {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content}}]}
                     ).encode()
+                else:
+                    payload = json.dumps({"choices": [{"index": 0, "text": reply.content, "finish_reason": "stop"}]}).encode()
                 self.send_response(reply.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -109,5 +122,19 @@ def fail_first(count: int, status: int, then: Callable[[str], Reply] = score_by_
             seen["n"] += 1
             failing = seen["n"] <= count
         return Reply(status=status, raw='{"error": "busy"}', headers=headers) if failing else then(user_text)
+
+    return respond
+
+
+def fail_after(count: int, status: int, then: Callable[[str], Reply], **headers: str):
+    """A respond function answering the first ``count`` requests with ``then``, failing every later one with ``status``."""
+    seen = {"n": 0}
+    lock = threading.Lock()
+
+    def respond(text: str) -> Reply:
+        with lock:
+            seen["n"] += 1
+            failing = seen["n"] > count
+        return Reply(status=status, raw='{"error": "down"}', headers=headers) if failing else then(text)
 
     return respond

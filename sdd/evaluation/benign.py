@@ -1,8 +1,9 @@
 """Benign behaviour: are benign prompts still answered as before? (SDD's central claim.)
 
 For each benign prompt set (``eval.benign.prompt_sets``, default ``corpus.benign_eval``: columns
-``prompt``, optional ``reference`` and ``input``) the model answers greedily through the one generation
-path (:func:`sdd.generation.generate`), and three numbers are reported per set and overall:
+``prompt``, optional ``reference`` and ``input``) the model answers greedily through the evaluation's
+generation backend (:func:`sdd.evaluation.generation.generate_answers`: the local model, or an
+OpenAI-compatible server), and three numbers are reported per set and overall:
 
 - ``on_topic_rate``: % of answers whose relevance-judge similarity to the prompt is above the judge's
   threshold. A proxy (an embedding's topicality, not the answer's quality).
@@ -31,7 +32,7 @@ import torch
 
 from sdd.chat import instruction_answer, tokenize_conversation
 from sdd.data.sources import load_records
-from sdd.generation import generate
+from sdd.evaluation.generation import AnswerGenerator, LocalGenerator, generate_answers
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,18 @@ def answer_nll(model, tokenizer, conversations: Sequence[Sequence[Mapping[str, s
 
 
 def evaluate_benign(model, tokenizer, config: Mapping[str, Any], judges: Mapping[str, Any],
-                    output_dir: Path, judge_configs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    output_dir: Path, judge_configs: Mapping[str, Any] | None = None,
+                    generator: AnswerGenerator | None = None) -> dict[str, Any]:
     """Answer the benign prompt sets, judge the answers, score the references; write the generations.
 
     Args:
+        model: the evaluated model, for the reference NLL (and the answers when ``generator`` is None);
+            None only when the reference NLL is disabled and ``generator`` is given.
         config: the ``eval.benign`` node.
         judges: the evaluation's judges by name; ``refusal`` and ``relevance`` are used when present.
         output_dir: ``benign_generations.jsonl`` is written there.
         judge_configs: the ``eval.judges`` node, to describe what produced each metric.
+        generator: the evaluation's generation backend (:mod:`sdd.evaluation.generation`); None: the local model.
 
     Returns:
         ``{"overall", "per_prompt_set", "metrics_by"}``, or ``{"skipped": reason}`` when no benign
@@ -119,9 +124,9 @@ def evaluate_benign(model, tokenizer, config: Mapping[str, Any], judges: Mapping
                   "set eval.benign.prompt_sets.<name>={path: ..., columns: {prompt: ..., reference: ...}}")
         log.warning("Benign evaluation skipped: %s", reason)
         return {"skipped": reason}
-    answers = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=config.get("max_new_tokens", 256),
-                       batch_size=config.get("batch_size", 16), system_prompt=config.get("system_prompt"),
-                       progress=True)
+    answers = generate_answers(generator or LocalGenerator(model, tokenizer), [r["prompt"] for r in rows],
+                               max_new_tokens=config.get("max_new_tokens", 256), batch_size=config.get("batch_size", 16),
+                               system_prompt=config.get("system_prompt"), progress=True)
     for row, answer in zip(rows, answers):
         row["answer"] = answer
     _write_jsonl(output_dir / GENERATIONS_FILE, rows)  # kept even if a judge fails below

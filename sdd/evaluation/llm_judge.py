@@ -2,8 +2,9 @@
 
 A judge is :class:`ChatJudge` plus a template file (``judge_prompts/``) and a reply parser: the HEx-PHI
 rubric (:mod:`sdd.evaluation.rubric_judge`) and StrongREJECT (:mod:`sdd.evaluation.strongreject`).
-The client talks to any ``/chat/completions`` endpoint (OpenAI, a local vLLM server, ...), retries
-connection errors, timeouts, 429 and 5xx with backoff, and keeps every reply it got in an sqlite cache
+The client (:mod:`sdd.openai_api`, shared with the generation backend) talks to any ``/chat/completions``
+endpoint (OpenAI, a local vLLM server, ...), retries connection errors, timeouts, 429 and 5xx with
+backoff, and keeps every reply it got in an sqlite cache
 keyed by (judge, judge model, SHA-256 of the template, prompt, answer): an interrupted or repeated run
 never pays twice, and a changed template never reuses scores given under another. Replies are stored
 raw and parsed when read, so a parser fix applies to cached replies too.
@@ -15,36 +16,33 @@ and a re-run resumes.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import email.utils
 import hashlib
 import json
 import logging
 import os
-import random
 import re
-import sqlite3
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Mapping, Sequence, TypeVar
-from urllib.parse import urlsplit, urlunsplit
-
-import httpx
 
 from sdd.errors import UserError
+from sdd.openai_api import (  # noqa: F401  (redact_url, shorten: re-exported for the judges' modules)
+    EndpointAuthenticationError,
+    EndpointClient,
+    EndpointError,
+    ReplyCache,
+    ReplyCacheError,
+    RetrySettings,
+    read_api_key,
+    redact_url,
+    shorten,
+    stable_key,
+)
 
 log = logging.getLogger(__name__)
 
 PROMPTS_DIR = Path(__file__).with_name("judge_prompts")
-MAX_BACKOFF_SECONDS = 30.0
-# A server may ask for a longer pause than our own backoff cap; we honour it, within reason.
-MAX_RETRY_AFTER_SECONDS = 300.0
-MAX_REASON_CHARS = 500
-# Statuses that no retry and no other item can fix: stop the judge at once.
-FATAL_STATUSES = {401: "authentication", 403: "authentication", 404: "not found"}
 
 _ITEM_PLACEHOLDER = re.compile(r"\{(instruction|prompt|response)\}")
 
@@ -57,7 +55,7 @@ class JudgeError(UserError, RuntimeError):
     """A judge could not deliver its verdicts; the message names the cause and the fix."""
 
 
-class JudgeEndpointError(JudgeError):
+class JudgeEndpointError(JudgeError, EndpointError):
     """The endpoint failed (down after all retries, or fatal); every verdict obtained so far is cached.
 
     Attributes:
@@ -66,18 +64,12 @@ class JudgeEndpointError(JudgeError):
         num_total: items in the failed call.
     """
 
-    def __init__(self, message: str, url: str, num_done: int, num_total: int) -> None:
-        super().__init__(message)
-        self.url = url
-        self.num_done = num_done
-        self.num_total = num_total
 
-
-class JudgeAuthenticationError(JudgeEndpointError):
+class JudgeAuthenticationError(JudgeEndpointError, EndpointAuthenticationError):
     """The endpoint rejected the key (HTTP 401/403): fixed by the key, not by retrying."""
 
 
-class JudgeCacheError(JudgeError):
+class JudgeCacheError(JudgeError, ReplyCacheError):
     """The judge's cache file cannot be used as an sqlite database."""
 
 
@@ -184,17 +176,6 @@ class JudgePrompt:
 # ---------------------------------------------------------------------------------------- client
 
 
-@dataclass
-class _Outcome:
-    """What one worker obtained: a reply, an error (fatal or not), or an exhausted/skipped item."""
-
-    reply: str | None = None
-    error: str | None = None
-    fatal: str | None = None  # a FATAL_STATUSES cause: stop every item
-    exhausted: bool = False  # retries used up on retryable failures: the endpoint is down
-    skipped: bool = False  # not (fully) tried because another item stopped the judge
-
-
 V = TypeVar("V")
 
 
@@ -203,7 +184,8 @@ class ChatJudge(Generic[V]):
 
     Subclasses set ``name`` (its default config key, used in messages) and ``judge_id`` (enters the
     cache key), and implement :meth:`parse_reply` (reply text -> verdict) and :meth:`failed_verdict`
-    (request error -> verdict). Verdicts are dataclasses with ``cached`` and ``error`` fields.
+    (request error -> verdict). Verdicts are dataclasses with ``cached`` and ``error`` fields. Requests,
+    retries and the cache are :mod:`sdd.openai_api`'s, shared with the generation backend.
 
     Args:
         base_url: the API root, e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``;
@@ -251,13 +233,10 @@ class ChatJudge(Generic[V]):
         if not base_url or not model:
             raise JudgeConfigError(f"The {self.name} judge needs a base_url and a model name "
                                    f"(eval.judges.{self.name}.base_url, .model).")
-        if max_concurrency < 1 or max_retries < 0 or backoff_seconds < 0 or timeout_seconds <= 0:
-            raise JudgeConfigError(
-                f"The {self.name} judge needs max_concurrency >= 1, max_retries >= 0, backoff_seconds >= 0 "
-                f"and timeout_seconds > 0 (got {max_concurrency}, {max_retries}, {backoff_seconds}, "
-                f"{timeout_seconds})."
-            )
-        key = os.environ.get(api_key_env, "").strip()
+        settings = RetrySettings(int(max_retries), float(backoff_seconds), float(timeout_seconds), int(max_concurrency))
+        if problem := settings.problem():
+            raise JudgeConfigError(f"The {self.name} judge needs {problem}.")
+        key = read_api_key(api_key_env)
         if not key and not allow_missing_key:
             raise JudgeConfigError(
                 f"The {self.name} judge needs an API key in the environment variable {api_key_env}, which is "
@@ -265,20 +244,22 @@ class ChatJudge(Generic[V]):
                 "allow_missing_key for a local server that needs no key), or keep the judges offline "
                 f"only (disable this judge, e.g. eval.judges.{self.name}.enabled=false)."
             )
-        self._api_key = key or None  # private and kept out of repr, logs, errors and the cache
         self.api_key_env = api_key_env
         self.prompt = prompt
-        self.base_url = base_url.rstrip("/")
-        self.url = f"{self.base_url}/chat/completions"
+        self._client = EndpointClient(base_url, "chat/completions", key, settings, label=f"{self.name} judge")
+        self.base_url = self._client.base_url
+        self.url = self._client.url
         self.model = model
-        self.cache_path = Path(cache_path)
-        self.max_retries = int(max_retries)
-        self.backoff_seconds = float(backoff_seconds)
-        self.timeout_seconds = float(timeout_seconds)
-        self.max_concurrency = int(max_concurrency)
+        self.max_retries = settings.max_retries
+        self.backoff_seconds = settings.backoff_seconds
+        self.timeout_seconds = settings.timeout_seconds
+        self.max_concurrency = settings.max_concurrency
         self.temperature = float(temperature)
         self.max_tokens = int(max_tokens)
-        self._init_cache()
+        self._cache = ReplyCache(cache_path, "judge_replies", ("judge", "model", "prompt_sha256"),
+                                 owner=f"{self.name} judge", config_key=f"eval.judges.{self.name}.cache_path",
+                                 error=JudgeCacheError)
+        self.cache_path = self._cache.path
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(url={redact_url(self.url)!r}, model={self.model!r}, "
@@ -313,247 +294,56 @@ class ChatJudge(Generic[V]):
         """
         items = [self._check_item(i, item) for i, item in enumerate(items)]
         keys = [self.cache_key(prompt, answer) for prompt, answer in items]
-        connection = self._connect()
+        connection = self._cache.connect()
         try:
-            cached = self._lookup(connection, set(keys))
-            todo: dict[str, tuple[str, str]] = {}  # one request per distinct pair
-            for key, item in zip(keys, items):
-                if key not in cached:
-                    todo.setdefault(key, item)
+            cached = self._cache.lookup(connection, set(keys))
+            todo: dict[str, dict[str, Any]] = {}  # one request per distinct pair
+            for key, (prompt, answer) in zip(keys, items):
+                if key not in cached and key not in todo:
+                    todo[key] = self._request_body(prompt, answer)
             log.info("%s judge %s at %s: %d items, %d cached, %d to request.", self.name, self.model,
                      redact_url(self.url), len(items), sum(k in cached for k in keys), len(todo))
-            fresh, exhausted, fatal, unexpected = self._request_all(connection, todo)
+            result = self._client.post_all(todo, on_reply=lambda key, reply: self._cache.store(
+                connection, key, reply, judge=self.judge_id, model=self.model, prompt_sha256=self.prompt.sha256))
         finally:
             connection.close()
 
-        if exhausted or fatal or unexpected is not None:
-            if unexpected is not None:
-                raise unexpected
+        if result.stopped:
+            if result.unexpected is not None:
+                raise result.unexpected
             # Failed verdicts are not cached, so they do not count as done.
-            num_done = sum(key in cached or (key in fresh and fresh[key][1] is None) for key in keys)
-            num_new = sum(error is None for _, error in fresh.values())
-            progress = (f"{num_done} of {len(items)} items are judged and cached in {self.cache_path} "
-                        f"({num_new} in this call); re-running resumes from the cache.")
-            url = redact_url(self.url)
-            if fatal:
-                cause, detail = fatal[0]
-                if cause == "authentication":
-                    unset = "" if self._api_key else " (it is unset, and allow_missing_key is true)"
-                    raise JudgeAuthenticationError(
-                        f"The {self.name} judge endpoint {url} rejected the credentials ({detail}): check the key "
-                        f"in ${self.api_key_env}{unset}. {progress}", url=url, num_done=num_done, num_total=len(items))
-                raise JudgeEndpointError(
-                    f"The {self.name} judge endpoint {url} answered {detail}: check "
-                    f"eval.judges.{self.name}.base_url (requests go to <base_url>/chat/completions) and the judge "
-                    f"model name '{self.model}'. {progress}", url=url, num_done=num_done, num_total=len(items))
-            raise JudgeEndpointError(
-                f"The {self.name} judge endpoint {url} is down or unreachable: it kept failing after "
-                f"{self.max_retries} retries ({exhausted[0]}). {progress}",
-                url=url, num_done=num_done, num_total=len(items),
-            )
+            num_done = sum(key in cached or key in result.replies for key in keys)
+            resume = (f"{num_done} of {len(items)} items are judged and cached in {self.cache_path} "
+                      f"({len(result.replies)} in this call); re-running resumes from the cache.")
+            raise self._client.failure(
+                result, who=f"{self.name} judge", config_key=f"eval.judges.{self.name}", model=self.model,
+                model_noun="judge model", api_key_env=self.api_key_env, resume=resume, num_done=num_done,
+                num_total=len(items), endpoint_error=JudgeEndpointError, authentication_error=JudgeAuthenticationError)
         verdicts = []
         for key in keys:
             if key in cached:
                 verdicts.append(dataclasses.replace(self.parse_reply(cached[key]), cached=True))
+            elif key in result.errors:
+                verdicts.append(self.failed_verdict(result.errors[key]))
             else:
-                reply, error = fresh[key]
-                verdicts.append(self.failed_verdict(error) if error is not None else self.parse_reply(reply or ""))
+                verdicts.append(self.parse_reply(result.replies[key]))
         return verdicts
 
     def cache_key(self, prompt: str, answer: str) -> str:
         """sha256 of (judge, judge model, template SHA-256, prompt, answer)."""
-        payload = json.dumps([self.judge_id, self.model, self.prompt.sha256, prompt, answer], ensure_ascii=False)
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        return stable_key([self.judge_id, self.model, self.prompt.sha256, prompt, answer])
 
-    # ------------------------------------------------------------------ requests
-
-    def _request_all(
-        self, connection: sqlite3.Connection, todo: dict[str, tuple[str, str]]
-    ) -> tuple[dict[str, tuple[str | None, str | None]], list[str], list[tuple[str, str]], BaseException | None]:
-        """Request every pair in ``todo``; cache each reply as soon as it arrives.
-
-        Returns:
-            (reply, error) by key, the errors of exhausted items, fatal (cause, detail) pairs, and an
-            unexpected exception.
-        """
-        fresh: dict[str, tuple[str | None, str | None]] = {}
-        exhausted: list[str] = []
-        fatal: list[tuple[str, str]] = []
-        unexpected: BaseException | None = None
-        if not todo:
-            return fresh, exhausted, fatal, unexpected
-        abort = threading.Event()  # set once the judge must stop: start no new request
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        with httpx.Client(headers=headers, timeout=self.timeout_seconds, limits=limits) as client, \
-                concurrent.futures.ThreadPoolExecutor(self.max_concurrency, thread_name_prefix=f"{self.name}-judge") as pool:
-            futures = {pool.submit(self._request_one, client, prompt, answer, abort): key
-                       for key, (prompt, answer) in todo.items()}
-            # Drain every future even after a failure, so that whatever was judged gets cached.
-            for future in concurrent.futures.as_completed(futures):
-                key = futures[future]
-                try:
-                    outcome = future.result()
-                except BaseException as error:  # a bug, not the endpoint: stop, but keep what we have
-                    abort.set()
-                    unexpected = unexpected or error
-                    continue
-                if outcome.fatal is not None:
-                    fatal.append((outcome.fatal, outcome.error or "unknown error"))
-                elif outcome.exhausted:
-                    exhausted.append(outcome.error or "unknown error")
-                elif outcome.skipped:
-                    continue
-                elif outcome.error is not None:
-                    fresh[key] = (None, outcome.error)
-                else:
-                    self._store(connection, key, outcome.reply or "")
-                    fresh[key] = (outcome.reply or "", None)
-        return fresh, exhausted, fatal, unexpected
-
-    def _request_one(self, client: httpx.Client, prompt: str, answer: str, abort: threading.Event) -> _Outcome:
-        """POST one pair, retrying on connection errors, timeouts, 429 and 5xx."""
-        body = {
+    def _request_body(self, prompt: str, answer: str) -> dict[str, Any]:
+        return {
             "model": self.model,
             "messages": self.prompt.messages(prompt, answer),
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
-        last_error = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if abort.is_set():
-                return _Outcome(skipped=True, error=last_error)
-            retry_after: float | None = None
-            try:
-                response = client.post(self.url, json=body)
-            except httpx.TransportError as error:  # connection refused/reset, timeouts
-                last_error = self._scrub(f"{type(error).__name__}: {error}")
-            except httpx.HTTPError as error:  # e.g. an invalid URL: retrying will not help
-                return _Outcome(error=self._scrub(f"{type(error).__name__}: {error}"))
-            else:
-                if response.status_code == 200:
-                    return self._reply_of(response)
-                last_error = self._scrub(f"HTTP {response.status_code}: {shorten(response.text, 200)}")
-                if response.status_code in FATAL_STATUSES:
-                    abort.set()  # no other item can succeed: stop them all
-                    return _Outcome(error=last_error, fatal=FATAL_STATUSES[response.status_code])
-                if response.status_code != 429 and response.status_code < 500:
-                    log.error("%s judge request rejected by %s (%s); not retried.", self.name,
-                              redact_url(self.url), last_error)
-                    return _Outcome(error=last_error)
-                retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
-            if attempt == self.max_retries:
-                break
-            delay = retry_after if retry_after is not None else self._backoff(attempt)
-            log.warning("%s judge request to %s failed (%s); retry %d/%d in %.2f s.", self.name,
-                        redact_url(self.url), last_error, attempt + 1, self.max_retries, delay)
-            if abort.wait(delay):  # another item gave up meanwhile: stop early
-                return _Outcome(skipped=True, error=last_error)
-        abort.set()  # here, not in the caller: the next queued item must see it before it starts
-        return _Outcome(error=last_error, exhausted=True)
-
-    def _reply_of(self, response: httpx.Response) -> _Outcome:
-        """The assistant text of a 200 response; a malformed body is an error (not cached)."""
-        try:
-            content = response.json()["choices"][0]["message"].get("content")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            return _Outcome(error=self._scrub(f"malformed chat-completions response: {shorten(response.text, 200)}"))
-        # content is None when the endpoint filtered the reply: an (invalid) answer all the same.
-        return _Outcome(reply=content if isinstance(content, str) else "")
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with "equal jitter": half fixed, half random, so clients spread out."""
-        ceiling = min(MAX_BACKOFF_SECONDS, self.backoff_seconds * 2 ** attempt)
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-    def _scrub(self, text: str) -> str:
-        """Remove the key from text an endpoint may echo back (some echo a rejected key)."""
-        return text.replace(self._api_key, "***") if self._api_key else text
-
-    # ------------------------------------------------------------------ cache
-
-    def _connect(self) -> sqlite3.Connection:
-        # Autocommit, so each reply is on disk as soon as it is stored; a long timeout waits out
-        # other processes writing to the same file.
-        return sqlite3.connect(self.cache_path, timeout=60, isolation_level=None)
-
-    def _init_cache(self) -> None:
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            connection = self._connect()
-            try:
-                connection.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
-                connection.execute(
-                    "CREATE TABLE IF NOT EXISTS judge_replies ("
-                    " key TEXT PRIMARY KEY, judge TEXT NOT NULL, model TEXT NOT NULL, prompt_sha256 TEXT NOT NULL,"
-                    " reply TEXT NOT NULL, created REAL NOT NULL)"
-                )
-            finally:
-                connection.close()
-        except sqlite3.DatabaseError as error:
-            if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
-                raise  # another process holds it: not a broken file
-            path = self.cache_path
-            raise JudgeCacheError(
-                f"The {self.name} judge cache {path} is not a usable sqlite database ({error}). Move it aside "
-                f"(`mv {path} {path}.bad`, with any {path.name}-wal / -shm beside it) or set "
-                f"eval.judges.{self.name}.cache_path to another file; the judge then starts a new cache."
-            ) from error
-
-    def _lookup(self, connection: sqlite3.Connection, keys: set[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        keys_list = sorted(keys)
-        for start in range(0, len(keys_list), 500):  # stay below sqlite's bound-parameter limit
-            chunk = keys_list[start : start + 500]
-            rows = connection.execute(
-                f"SELECT key, reply FROM judge_replies WHERE key IN ({','.join('?' * len(chunk))})", chunk
-            )
-            found.update(dict(rows))
-        return found
-
-    def _store(self, connection: sqlite3.Connection, key: str, reply: str) -> None:
-        connection.execute(
-            "INSERT OR REPLACE INTO judge_replies (key, judge, model, prompt_sha256, reply, created)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (key, self.judge_id, self.model, self.prompt.sha256, reply, time.time()),
-        )
 
     def _check_item(self, index: int, item: Any) -> tuple[str, str]:
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item)):
             raise TypeError(f"Item {index} of {type(self).__name__}.judge must be a (prompt, answer) pair of "
                             f"strings, got {type(item).__name__}.")
         return item[0], item[1]
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped; None if absent/bad."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
-
-
-def redact_url(url: str) -> str:
-    """The URL without user:password@ credentials, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def shorten(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` on one line (whitespace collapsed), cut to ``limit`` characters."""
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 

@@ -4,7 +4,8 @@
 ``results.json`` (metrics overall and per prompt set and category, and the resolved config),
 ``generations.jsonl`` (harmful prompt, answer, each judge's verdict), ``benign_generations.jsonl``
 (benign prompt, reference, answer, verdicts, reference NLL; see :mod:`sdd.evaluation.benign`) and
-``summary.md``.
+``summary.md``. Every answer comes from the backend of ``eval.generation`` (the local model, or an
+OpenAI-compatible server: :mod:`sdd.evaluation.generation`); ``results.json`` says which under ``generation``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ from sdd.credentials import scrub_credentials
 from sdd.data.sources import DataSourceError, load_records
 from sdd.evaluation.benign import evaluate_benign
 from sdd.evaluation.benign import summary_lines as benign_summary_lines
+from sdd.evaluation.generation import (
+    LocalGenerator,
+    backend_of,
+    build_openai_generator,
+    generate_answers,
+    needs_local_model,
+)
 from sdd.errors import require_device
-from sdd.generation import generate
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +44,24 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     require_device(cfg.eval.device, "eval.device")  # before anything loads
     backbone = instantiate(cfg.backbone)
     judges = build_judges(cfg.eval.judges)  # fail fast (missing key, bad labels) before generating
+    backend = backend_of(cfg.eval)
     tokenizer = backbone.load_tokenizer()
-    model = backbone.load_model()
+    # The server's generator is built before the weights load: a missing key or a bad setting fails first.
+    remote = build_openai_generator(cfg.eval.generation.openai, backbone, tokenizer) if backend == "openai" else None
+    # With backend=openai the weights load only for likelihoods (reference NLL, capability, gradients).
     device = cfg.eval.device or ("cuda" if _cuda() else "cpu")
-    model.to(device).eval()
+    model = backbone.load_model().to(device).eval() if needs_local_model(cfg.eval) else None
+    generator = remote or LocalGenerator(model, tokenizer, device)
 
     results: dict[str, Any] = {
         "model": backbone.resolve() if backbone.source == "pretrained" else backbone.name,
         "device": device,
+        "generation": generator.describe(),  # what produced every answer
     }
     if cfg.eval.harmfulness.enabled:
         rows = load_prompt_sets(cfg.eval.harmfulness.prompt_sets, cfg.eval.harmfulness.max_prompts_per_set)
-        answers = generate(
-            model, tokenizer, [r["prompt"] for r in rows],
+        answers = generate_answers(
+            generator, [r["prompt"] for r in rows],
             max_new_tokens=cfg.eval.harmfulness.max_new_tokens,
             batch_size=cfg.eval.harmfulness.batch_size,
             system_prompt=cfg.eval.harmfulness.system_prompt,
@@ -62,7 +74,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             rows, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION))
         _write_jsonl(output_dir / "generations.jsonl", rows)
     if cfg.eval.get("benign") is not None and cfg.eval.benign.enabled:
-        results["benign"] = evaluate_benign(model, tokenizer, cfg.eval.benign, judges, output_dir, cfg.eval.judges)
+        results["benign"] = evaluate_benign(model, tokenizer, cfg.eval.benign, judges, output_dir, cfg.eval.judges,
+                                            generator=generator)
     if cfg.eval.capability.enabled:
         from sdd.evaluation.capability import evaluate_capability
 
@@ -210,6 +223,9 @@ def judge_generations(rows: list[dict[str, Any]], judges: dict[str, Any],
 
 def markdown_summary(results: dict[str, Any]) -> str:
     lines = [f"# Evaluation of `{results['model']}`", ""]
+    generation = results.get("generation") or {}
+    if generation.get("backend") == "openai":
+        lines += [f"Answers: greedy, from `{generation['model']}` at {generation['endpoint']} (eval.generation.backend=openai).", ""]
     harm = results.get("harmfulness")
     if harm:
         keys = [k for k in harm["overall"] if k != "num_prompts"]
