@@ -33,6 +33,7 @@ from typing import Any, Generic, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from tqdm.auto import tqdm
 
 from sdd.errors import UserError
 
@@ -392,7 +393,8 @@ class ChatJudge(Generic[V]):
             futures = {pool.submit(self._request_one, client, prompt, answer, abort): key
                        for key, (prompt, answer) in todo.items()}
             # Drain every future even after a failure, so that whatever was judged gets cached.
-            for future in concurrent.futures.as_completed(futures):
+            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
+                               desc=f"Judging ({self.name})"):
                 key = futures[future]
                 try:
                     outcome = future.result()

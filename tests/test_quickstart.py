@@ -1,0 +1,46 @@
+"""`make quickstart`'s sweep (experiment=quickstart) on the tiny backbone: four points share their stages and the
+verdict table is printed at the end, with the paths of the report and its figures."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ["Vanilla", "Vanilla under mft_advbench", "sdd", "sdd under mft_advbench"]
+
+
+@pytest.mark.slow
+def test_the_quickstart_prints_the_verdict_table(tmp_path):
+    env = dict(os.environ, SDD_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               WANDB_MODE="disabled")
+    result = subprocess.run([sys.executable, "pipeline.py", "-m", "experiment=quickstart", "point.backbone=tiny_llama",
+                             f"paths.log_dir={tmp_path / 'logs'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    verdict = out[out.index("Verdict on tiny_llama"):]
+    lines = verdict.splitlines()
+    assert "harmful prompts (n=24)" in lines[1] and "benign prompts (n=24)" in lines[1]
+    assert re.sub(r"\s+", " ", lines[2]) == ("model | refusal %* irrelevant %* on-topic compliance %* | on-topic %* "
+                                             "over-refusal %* reference NLL")
+    rows = {line.split("|")[0].strip(): line for line in lines[4:8]}
+    assert list(rows) == MODELS
+    for line in rows.values():  # three harmful-prompt and three benign-prompt numbers per row
+        harmful, benign = line.split("|")[1].split(), line.split("|")[2].split()
+        assert len(harmful) == 3 and len(benign) == 3 and all(re.fullmatch(r"\d+\.\d+", v) for v in harmful + benign)
+    assert "* proxy." in verdict and "Reference NLL = mean negative log-likelihood" in verdict
+    sweep = next((tmp_path / "logs" / "quickstart" / "multiruns").iterdir())
+    for name in ("report.md", "harm_heatmap.png", "harm_vs_capability.png"):
+        assert str(sweep / "report" / name) in verdict and (sweep / "report" / name).exists()
+
+    # One defended model and one evaluation per model: the points share their stages.
+    stages = tmp_path / "logs" / "stages"
+    finished = {kind: len(list((stages / kind).glob("*/stage.json"))) for kind in ("defense", "attack", "evaluate")}
+    assert finished == {"defense": 1, "attack": 2, "evaluate": 4}
+    assert "💡" not in out + result.stderr and (out + result.stderr).count("Seed set to 0") == 3  # three trainings
