@@ -32,6 +32,8 @@ IGNORED_WARNINGS = (
     (r"Total length of `\w+` across ranks is zero", Warning),
     # Data are tokenized in memory; loader workers would only add processes on a 2-core machine.
     (r".*does not have many workers", Warning),
+    # peft reads transformers' deprecated attribute when it wraps a model in LoRA adapters.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
 )
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 # Lines that advertise a product or state the obvious on a CPU machine, by the logger that emits them.

@@ -429,8 +429,8 @@ def verdict_text(frame: pd.DataFrame, harm_metric: str) -> str:
             if index == 0:
                 lines.append("-" * len(lines[-1]))
         blocks.append("\n".join(lines))
-    legend = ["* proxy. " + verdict_legend(harm_metric, frame)[0], *verdict_legend(harm_metric, frame)[1:]]
-    return "\n\n".join(blocks) + "\n\n" + "\n".join(legend)
+    legend = verdict_legend(harm_metric, frame)
+    return "\n\n".join(blocks) + "\n\n* proxy. " + "\n".join(legend)
 
 
 # ---------------------------------------------------------------------------- defense x attack matrix

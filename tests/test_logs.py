@@ -76,6 +76,7 @@ def test_library_warnings_that_are_not_the_users_concern_are_filtered():
                       FutureWarning)
         warnings.warn("Total length of `list` across ranks is zero. Please make sure this was your intention.")
         warnings.warn("The 'train_dataloader' does not have many workers which may be a bottleneck.")
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("Something the user must see.")
     assert [str(w.message) for w in caught] == ["Something the user must see."]
 
@@ -95,3 +96,18 @@ def test_a_training_run_prints_each_line_once(tmp_path):
     # Hydra's log file gets Lightning's lines too (they reach the root's handlers).
     log_file = next((tmp_path / "logs" / "quick_tiny" / "runs").glob("*/train.log"))
     assert "Seed set to 0" in log_file.read_text()
+
+
+@pytest.mark.parametrize(("max_epochs", "max_steps", "shown"), [
+    (-1, 40, "Epoch 1 (at most 40 steps)"),  # scale=cpu_demo: Lightning itself writes "Epoch 0/-2"
+    (5, -1, "Epoch 1/5"),
+    (-1, -1, "Epoch 1"),
+])
+def test_the_training_progress_bar_counts_epochs_from_one_and_names_a_step_limit(max_epochs, max_steps, shown):
+    from types import SimpleNamespace
+
+    from sdd.progress import TrainingProgressBar
+
+    bar = TrainingProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=max_epochs, max_steps=max_steps)
+    assert bar._get_train_description(0) == shown
