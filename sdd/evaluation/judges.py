@@ -154,7 +154,6 @@ class ModerationJudge:
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
         import torch
-
         from tqdm.auto import tqdm
 
         verdicts = []
