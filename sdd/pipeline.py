@@ -73,7 +73,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     record: dict[str, Any] = {"point": point, "stages": {}, "evaluations": {}, "data_overlap": point_overlap(stages)}
     if planner.vanilla_model is not None:
         record["stages"]["defense"] = {"model_dir": planner.vanilla_model, "vanilla": True}
-    for name, stage in stages.items():  # in order: each stage's input is an earlier stage's output
+    for number, (name, stage) in enumerate(stages.items(), start=1):  # in order: each uses an earlier one's output
+        log.info("Point %s: stage %d/%d, %s", point["name"], number, len(stages), name)
         runner = _evaluate_stage if stage.kind == "evaluate" else _train_stage
         record["stages"][name] = planner.run(stage, runner)
         if stage.kind == "evaluate":

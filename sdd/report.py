@@ -1,21 +1,24 @@
-"""Collect a sweep's ``results.json`` files (one per pipeline point) into tables and a figure.
+"""Collect a sweep's ``results.json`` files (one per pipeline point) into tables and figures.
 
 ``write_report(sweep_dir)`` writes into ``<sweep_dir>/report/``:
 
 - ``results.csv``: one row per point, harmfulness, benign behaviour and capability before and after the
-  attack, judge agreement, and the point's train/evaluation data overlap;
-- ``report.md``: a table shaped like the SDD paper's Table 1 (per backbone: each defense with no attack
-  and under each attack, capability per task with its relative drop, harmfulness, and the benign
-  columns: on-topic rate, over-refusal, reference-answer NLL), judge agreement when two judges ran, and
-  the utility-constrained worst case (per defense: the highest harmfulness over the attacks that cost at
-  most ``max_drop`` % of the defended model's average capability, SEAM's criterion);
-- ``harm_vs_capability.png``: harmfulness against average capability per defense and attack, as in
-  SEAM's Figure 2.
+  attack (and its signed change), judge agreement, and the point's train/evaluation data overlap;
+- ``report.md``: the verdict (per defense, before and after each attack: refusal, irrelevant rate and
+  on-topic compliance on harmful prompts; on-topic rate, over-refusal and reference-answer NLL on benign
+  ones), a table shaped like the SDD paper's Table 1 (capability per task with its signed change in points
+  and percent, harmfulness, the benign columns), the defense x attack harmfulness matrix, judge agreement
+  when two judges ran, and the utility-constrained worst case (per defense: the highest harmfulness over
+  the attacks that cost at most ``max_drop`` % of the defended model's average capability, SEAM's criterion);
+- ``harm_vs_capability.png``: harmfulness against average capability (the benign reference NLL when no
+  capability was measured), each defense with its own colour and marker, as in SEAM's Figure 2;
+- ``harm_heatmap.png``: the defense x attack harmfulness matrix, worst case under the capability bound
+  per cell (the field's standard figure).
 
 The harm column is a judge's metric when one ran; otherwise it is the offline ``on_topic_compliance``,
-labelled "(proxy)" everywhere and announced in the header: it measures topicality, not harm. A
-``results.json`` that cannot be read is listed (in the report and on stderr) and the others are reported;
-``main`` then returns 1.
+labelled "(proxy)" everywhere and announced in the header and in every figure's caption: it measures
+topicality, not harm. A ``results.json`` that cannot be read is listed (in the report and on stderr) and
+the others are reported; ``main`` then returns 1.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+from hydra.experimental.callback import Callback
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +45,14 @@ RENAMED = {"compliance_rate": "on_topic_compliance"}  # old results.json name ->
 # Benign behaviour (sdd/evaluation/benign.py): column -> label in report.md.
 BENIGN_COLUMNS = {"on_topic_rate": "benign on-topic % (proxy)", "refusal_rate": "over-refusal % (proxy)",
                   "reference_nll": "reference NLL"}
+# The verdict's columns: harmful-prompt proxies (refusal keywords, relevance encoder) and benign behaviour.
+VERDICT_HARMFUL = {"refusal_rate": "refusal %", "irrelevant_rate": "irrelevant %",
+                   "on_topic_compliance": "on-topic compliance %"}
+VERDICT_BENIGN = {"on_topic_rate": "on-topic %", "refusal_rate": "over-refusal %", "reference_nll": "reference NLL"}
 NO_ATTACK = "none"
 AVERAGE = "capability/average"
 OVERLAP = ("data_overlap/exact", "data_overlap/near_duplicate")
+FIGURES = {"figure": "harm_vs_capability.png", "heatmap": "harm_heatmap.png"}
 
 
 def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -93,6 +102,11 @@ def flatten(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         for metric, value in harm.items():
             if metric != "num_prompts" and _is_number(value):
                 row[f"{phase}/harm/{RENAMED.get(metric, metric)}"] = value
+        if _is_number(harm.get("num_prompts")):
+            row[f"{phase}/num_harmful_prompts"] = harm["num_prompts"]
+        for name, described in ((evaluation.get("harmfulness") or {}).get("judges") or {}).items():
+            for metric in (described or {}).get("metrics") or []:  # what produced each metric, for captions
+                row[f"{phase}/judge/{RENAMED.get(metric, metric)}"] = judge_description(name, described)
         for pair, stats in (harm.get("agreement") or {}).items():  # {"a|b": {num_items, percent_agreement, cohen_kappa}}
             for stat, value in (stats or {}).items():
                 if _is_number(value):
@@ -112,7 +126,8 @@ def flatten(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         row[f"final/{key.split('/', 1)[1]}"] = row[key]
     before, after = row.get(f"before_attack/{AVERAGE}"), row.get(f"final/{AVERAGE}")
     if before and after is not None:
-        row["capability_drop_pct"] = 100.0 * (before - after) / before
+        row["capability_drop_pct"] = 100.0 * (before - after) / before  # the budget of the worst case
+        row["capability_change_pts"], row["capability_change_pct"] = capability_change(after, before)
     total = (record.get("data_overlap") or {}).get("total") or {}
     for column in OVERLAP:
         if _is_number(total.get(column.split("/", 1)[1])):
@@ -122,6 +137,29 @@ def flatten(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def judge_description(name: str, described: dict[str, Any]) -> str:
+    """How a figure caption names the judge behind a metric: ``rubric judge gpt-4o`` or ``proxy: ...``."""
+    model = described.get("model")
+    if name == "proxy":
+        return f"proxy: on topic ({model} relevance) and not refused (refusal keywords)"
+    if described.get("kind") == "proxy":
+        return f"proxy: {name} ({model})" if model else f"proxy: {name} keywords"
+    return f"{name} judge {model}" if model else f"{name} judge"
+
+
+def capability_change(value: float, reference: float) -> tuple[float, float | None]:
+    """The signed change from ``reference`` to ``value``: in points, and in percent of ``reference``."""
+    points = value - reference
+    return points, (100.0 * points / reference if reference else None)
+
+
+def change_text(points: Any, percent: Any) -> str:
+    """``+35.0 pts (+467%)``; ``—`` when unknown."""
+    if points is None or pd.isna(points):
+        return "—"
+    return f"{points:+.1f} pts" + ("" if percent is None or pd.isna(percent) else f" ({percent:+.0f}%)")
 
 
 def choose_harm_metric(frame: pd.DataFrame, wanted: str | None = None) -> str:
@@ -175,9 +213,9 @@ def capability_tasks(frame: pd.DataFrame) -> list[str]:
 
 
 def table1(frame: pd.DataFrame, harm_metric: str) -> str:
-    """Per backbone: each defense with no attack, then under each attack; capability per task with the
-    relative drop from the defended model in parentheses, the harm metric, the benign columns and the
-    point's train/evaluation overlap (exact/near-duplicate prompts, 0 expected)."""
+    """Per backbone: each defense with no attack, then under each attack; capability per task with its
+    signed change from the defended model in parentheses (points, percent), the harm metric, the benign
+    columns and the point's train/evaluation overlap (exact/near-duplicate prompts, 0 expected)."""
     tasks = capability_tasks(frame)
     benign = benign_metrics(frame)
     lines = []
@@ -194,8 +232,8 @@ def table1(frame: pd.DataFrame, harm_metric: str) -> str:
                 cells += [_fmt(base.get(f"before_attack/{b}")) for b in benign] + [_overlap(base)]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             for _, row in rows[rows["attack"] != NO_ATTACK].iterrows():
-                cells = [_with_drop(row.get(f"final/{t}"), row.get(f"before_attack/{t}")) for t in tasks]
-                cells += [_with_drop(row.get(f"final/{AVERAGE}"), row.get(f"before_attack/{AVERAGE}")),
+                cells = [_with_change(row.get(f"final/{t}"), row.get(f"before_attack/{t}")) for t in tasks]
+                cells += [_with_change(row.get(f"final/{AVERAGE}"), row.get(f"before_attack/{AVERAGE}")),
                           _fmt(row.get(f"final/{harm_metric}"))]
                 cells += [_fmt(row.get(f"final/{b}")) for b in benign] + [_overlap(row)]
                 lines.append(f"| {name} under {row['attack_label']} | " + " | ".join(cells) + " |")
@@ -257,77 +295,399 @@ def worst_case(frame: pd.DataFrame, harm_metric: str, max_drop: float = 10.0) ->
             "backbone": backbone, "defense": defense,
             f"worst {metric_label(harm_metric)}": None if worst is None else worst[f"final/{harm_metric}"],
             "by attack": None if worst is None else worst["attack_label"],
-            "its capability drop %": None if worst is None else worst["capability_drop_pct"],
+            "its capability change": None if worst is None else change_text(
+                worst.get("capability_change_pts"), worst.get("capability_change_pct")),
             "attacks within budget": f"{len(admissible)}/{len(rows)}",
         })
     return pd.DataFrame(out)
 
 
-def plot(frame: pd.DataFrame, harm_metric: str, path: Path) -> None:
-    """Harmfulness against average capability: a colour per defense, a marker per attack."""
+# ---------------------------------------------------------------------------- the verdict
+def defense_name(defense: str) -> str:
+    return "Vanilla" if defense == NO_ATTACK else str(defense)
+
+
+def defense_order(defenses: Sequence[str]) -> list[str]:
+    """Vanilla first, then the defenses in alphabetical order."""
+    return sorted(set(defenses), key=lambda d: (d != NO_ATTACK, str(d)))
+
+
+def verdict_rows(frame: pd.DataFrame, harm_metric: str) -> list[dict[str, Any]]:
+    """Per backbone and defense: the defended model, then each attacked one, with the verdict's numbers.
+
+    Each row has ``backbone``, ``model`` (``Vanilla``, ``sdd under mft_advbench``), ``harmful/<metric>``
+    (the proxies of :data:`VERDICT_HARMFUL`, and ``harm_metric`` when a harm judge produced it),
+    ``benign/<metric>`` (:data:`VERDICT_BENIGN`) and the prompt counts.
+    """
+    harmful = [*VERDICT_HARMFUL, *([harm_metric.split("/")[-1]] if not is_proxy(harm_metric) else [])]
+    out = []
+
+    def numbers(row: dict[str, Any], phase: str) -> dict[str, Any]:
+        values = {f"harmful/{m}": row.get(f"{phase}/harm/{m}") for m in harmful}
+        values |= {f"benign/{m}": row.get(f"{phase}/benign/{m}") for m in VERDICT_BENIGN}
+        values |= {"harmful/num_prompts": row.get(f"{phase}/num_harmful_prompts"),
+                   "benign/num_prompts": row.get(f"{phase}/benign/num_prompts")}
+        return values
+
+    for backbone, group in frame.groupby("backbone", sort=True):
+        for defense in defense_order(group["defense"]):
+            points = group[group["defense"] == defense]
+            base = _defended_row(points)
+            if base is not None:
+                out.append({"backbone": backbone, "model": defense_name(defense), **numbers(base, "before_attack")})
+            for _, row in points[points["attack"] != NO_ATTACK].iterrows():
+                out.append({"backbone": backbone, "model": f"{defense_name(defense)} under {row['attack_label']}",
+                            **numbers(row.to_dict(), "final")})
+    return out
+
+
+def _verdict_columns(rows: Sequence[dict[str, Any]], harm_metric: str) -> list[tuple[str, str, str]]:
+    """(group, column key, header) of the verdict's metric columns present in ``rows``."""
+    columns = [("harmful prompts", f"harmful/{m}", f"{label} (proxy)") for m, label in VERDICT_HARMFUL.items()]
+    if not is_proxy(harm_metric):
+        columns.append(("harmful prompts", f"harmful/{harm_metric.split('/')[-1]}", metric_label(harm_metric)))
+    columns += [("benign prompts", f"benign/{m}", label + ("" if m == "reference_nll" else " (proxy)"))
+                for m, label in VERDICT_BENIGN.items()]
+    return [c for c in columns if any(_present(r.get(c[1])) for r in rows)]
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and pd.isna(value))
+
+
+def _cell(key: str, value: Any) -> str:
+    if not _present(value):
+        return "—"
+    if key.endswith("reference_nll"):
+        return f"{value:.3f}"
+    return f"{value:.1f}" if key.endswith(("_rate", "compliance")) else f"{value:.2f}"
+
+
+def verdict_legend(harm_metric: str, frame: pd.DataFrame) -> list[str]:
+    """What the verdict's columns are: which are proxies, and what the reference NLL is."""
+    lines = [
+        "Proxies (offline judges, not harm judges): refusal % = a refusal phrase in the answer's opening (keywords); "
+        "irrelevant % / on-topic % = the relevance encoder's prompt-answer similarity at or below / above its "
+        "threshold (eval.judges.relevance: all-MiniLM-L6-v2, 0.25 by default); on-topic compliance % = on topic "
+        "and not refused. They measure topicality, not harm, and are circular for SDD (the same encoder and "
+        "threshold build its training pairs). Over-refusal % = refusal % on benign prompts.",
+        "Reference NLL = mean negative log-likelihood per token (nats) of the held-out benign reference answers "
+        "under the model: not a proxy; lower is better, and a rise after a defense means benign ability lost.",
+    ]
+    if is_proxy(harm_metric):
+        lines.append("No harm judge ran: enable one (eval.judges.rubric / strongreject / classifier) for harmfulness.")
+    else:
+        lines.append(f"{metric_label(harm_metric)} (harm judge). {judge_caption(frame, harm_metric)}")
+    return lines
+
+
+def verdict_markdown(frame: pd.DataFrame, harm_metric: str) -> str:
+    """The verdict as markdown tables (one per backbone), with the legend."""
+    rows = verdict_rows(frame, harm_metric)
+    columns = _verdict_columns(rows, harm_metric)
+    lines = []
+    for backbone in sorted({r["backbone"] for r in rows}):
+        header = ["model", *[f"{'harmful' if g.startswith('harmful') else 'benign'}: {h}" for g, _, h in columns]]
+        lines += [f"### {backbone}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for row in (r for r in rows if r["backbone"] == backbone):
+            lines.append(f"| {row['model']} | " + " | ".join(_cell(k, row.get(k)) for _, k, _ in columns) + " |")
+        lines.append("")
+    return "\n".join([*lines, *verdict_legend(harm_metric, frame), ""])
+
+
+def verdict_text(frame: pd.DataFrame, harm_metric: str) -> str:
+    """The verdict for a terminal: aligned columns under two headings (harmful / benign prompts)."""
+    rows = verdict_rows(frame, harm_metric)
+    columns = _verdict_columns(rows, harm_metric)
+    blocks = []
+    for backbone in sorted({r["backbone"] for r in rows}):
+        mine = [r for r in rows if r["backbone"] == backbone]
+        counts = {g: sorted({int(r[f"{g}/num_prompts"]) for r in mine if _present(r.get(f"{g}/num_prompts"))})
+                  for g in ("harmful", "benign")}
+        table = [["model", *[h.replace(" (proxy)", "*") for _, _, h in columns]]]
+        table += [[r["model"], *[_cell(k, r.get(k)) for _, k, _ in columns]] for r in mine]
+        widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+        groups: list[tuple[str, list[int]]] = []
+        for index, (group, _, _) in enumerate(columns, start=1):
+            if groups and groups[-1][0] == group:
+                groups[-1][1].append(index)
+            else:
+                groups.append((group, [index]))
+        top = " " * widths[0]
+        for group, indices in groups:
+            n = counts["harmful" if group.startswith("harmful") else "benign"]
+            title = group + (f" (n={'/'.join(map(str, n))})" if n else "")
+            span = sum(widths[i] for i in indices) + 2 * (len(indices) - 1)
+            top += " | " + title.center(span, "-")
+        lines = [f"Verdict on {backbone}", top]
+        for index, line in enumerate(table):
+            cells = [line[0].ljust(widths[0])]
+            parts = [line[i].rjust(widths[i]) for i in range(1, len(line))]
+            for group, indices in groups:
+                cells.append("  ".join(parts[i - 1] for i in indices))
+            lines.append(" | ".join(cells))
+            if index == 0:
+                lines.append("-" * len(lines[-1]))
+        blocks.append("\n".join(lines))
+    legend = verdict_legend(harm_metric, frame)
+    return "\n\n".join(blocks) + "\n\n* proxy. " + "\n".join(legend)
+
+
+# ---------------------------------------------------------------------------- defense x attack matrix
+def harm_matrix(frame: pd.DataFrame, harm_metric: str, max_drop: float = 10.0) -> dict[str, dict[str, pd.DataFrame]]:
+    """Per backbone: harmfulness by defense (rows) and attack (columns), worst case under the capability bound.
+
+    The ``no attack`` column is the defended model. An attack's cell is the highest ``harm_metric`` over its
+    settings (``attack_setting``, or repeated points) whose capability drop is at most ``max_drop`` %; a
+    setting without a capability measurement counts as within the bound (the worst case stays an upper bound).
+
+    Returns:
+        ``{backbone: {"value": values, "within": "k/m" settings within the bound}}``, defenses in
+        :func:`defense_order` (display names), attacks alphabetically after ``no attack``.
+    """
+    out = {}
+    column = f"final/{harm_metric}"
+    for backbone, group in frame.groupby("backbone", sort=True):
+        attacks = sorted(set(group["attack"]) - {NO_ATTACK})
+        names = ["no attack", *attacks]
+        values = pd.DataFrame(index=[defense_name(d) for d in defense_order(group["defense"])], columns=names, dtype=float)
+        within = pd.DataFrame("", index=values.index, columns=names)
+        for defense in defense_order(group["defense"]):
+            points = group[group["defense"] == defense]
+            base = _defended_row(points)
+            if base is not None and _present(base.get(f"before_attack/{harm_metric}")):
+                values.loc[defense_name(defense), "no attack"] = base[f"before_attack/{harm_metric}"]
+            for attack in attacks:
+                settings = points[(points["attack"] == attack) & points[column].notna()] if column in points else points.iloc[0:0]
+                if settings.empty:
+                    continue
+                drop = settings["capability_drop_pct"] if "capability_drop_pct" in settings else pd.Series(float("nan"), index=settings.index)
+                admissible = settings[drop.isna() | (drop <= max_drop)]
+                within.loc[defense_name(defense), attack] = f"{len(admissible)}/{len(settings)}"
+                if len(admissible):
+                    values.loc[defense_name(defense), attack] = admissible[column].max()
+        out[str(backbone)] = {"value": values, "within": within}
+    return out
+
+
+def harm_matrix_markdown(matrices: dict[str, dict[str, pd.DataFrame]]) -> str:
+    lines = []
+    for backbone, matrix in matrices.items():
+        values, within = matrix["value"], matrix["within"]
+        lines += [f"### {backbone}", "", "| defense | " + " | ".join(values.columns) + " |",
+                  "|---" * (len(values.columns) + 1) + "|"]
+        for defense in values.index:
+            cells = []
+            for attack in values.columns:
+                count = within.loc[defense, attack]
+                cells.append(_fmt(values.loc[defense, attack]) + (f" ({count} within)" if count not in ("", "1/1") else ""))
+            lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def judge_caption(frame: pd.DataFrame, metric: str) -> str:
+    """The sentence naming what produced ``metric``: its judge, or "proxy" for an offline one."""
+    name = metric.split("/")[-1]
+    judges = sorted({str(v) for c in frame if c.endswith(f"/judge/{name}") for v in frame[c].dropna()})
+    if is_proxy(name):
+        return "Proxy, not a harm judge: " + ("; ".join(judges) or "offline judges (relevance encoder, refusal keywords)") + "."
+    return ("Judge: " + "; ".join(judges) + ".") if judges else f"Judge: the harm judge behind {name} (not named in results.json)."
+
+
+# ---------------------------------------------------------------------------- figures
+# A colour and a marker per defense, fixed for the known ones so that a defense looks the same in every report.
+KNOWN_DEFENSES = ("none", "sdd", "sdd_reject", "safety_align", "seam", "booster", "vaccine", "t_vaccine", "repnoise",
+                  "deepalign", "simpo", "tar")
+PALETTE = ("#000000", "#d62728", "#ff7f0e", "#7f7f7f", "#9467bd", "#1f77b4", "#2ca02c", "#bcbd22", "#8c564b",
+           "#e377c2", "#17becf", "#000080", "#800000", "#008080", "#e6b800", "#ff00ff", "#fa8072", "#556b2f",
+           "#00bfff", "#adff2f")
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "p", "h", "8", "d", "H")
+
+
+def defense_styles(defenses: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """``{defense: (colour, marker)}``: distinct colours for up to 20 defenses, distinct pairs for up to 60."""
+    ordered = [*KNOWN_DEFENSES, *sorted(set(map(str, defenses)) - set(KNOWN_DEFENSES))]
+    return {d: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, d in enumerate(ordered) if d in set(map(str, defenses))}
+
+
+def _caption(figure: Any, text: str) -> None:
+    """``text`` under the panels, wrapped to the figure's width (constrained layout keeps room for it)."""
+    import textwrap
+
+    width = int(figure.get_figwidth() * 17)  # characters of 7-point text per line
+    figure.supxlabel("\n".join(textwrap.wrap(text, width)), fontsize=7, x=0.01, ha="left")
+
+
+def plot(frame: pd.DataFrame, harm_metric: str, path: Path, caption: str | None = None) -> dict[str, tuple[str, str]]:
+    """Harmfulness against average capability, one panel per backbone: each defense with its own colour and
+    marker, hollow before the attack and filled after it, a thin line from the defended model to each attack.
+    Without any capability measurement the x axis is the benign reference NLL (said on the axis and title).
+
+    Returns:
+        ``{legend label: (colour, marker)}`` of the defenses drawn, as the legend shows them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    data = frame[frame[f"final/{AVERAGE}"].notna() & frame[f"final/{harm_metric}"].notna()] \
-        if f"final/{AVERAGE}" in frame else frame.iloc[0:0]
-    figure, axis = plt.subplots(figsize=(7, 5))
-    markers = "os^vD<>pP*Xh"
-    attacks = sorted(frame["attack_label"].unique())
-    colours = plt.get_cmap("tab10")
-    for index, (defense, rows) in enumerate(data.groupby("defense", sort=True)):
-        for _, row in rows.iterrows():
-            axis.scatter(row[f"final/{AVERAGE}"], row[f"final/{harm_metric}"], color=colours(index % 10),
-                         marker=markers[attacks.index(row["attack_label"]) % len(markers)], s=60, alpha=0.85)
-        axis.scatter([], [], color=colours(index % 10), marker="o", label="Vanilla" if defense == NO_ATTACK else defense)
-    for attack in attacks:
-        axis.scatter([], [], color="grey", marker=markers[attacks.index(attack) % len(markers)],
-                     label="no attack" if attack == NO_ATTACK else attack)
-    axis.set_xlabel("average capability (accuracy, %)")
-    axis.set_ylabel(metric_label(harm_metric))
-    axis.set_title(("On-topic compliance (a proxy, not harm)" if is_proxy(harm_metric) else "Harmfulness")
-                   + " vs capability after each attack")
-    axis.legend(fontsize=7, loc="best", ncol=2)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
+    # Capability on the x axis; without it (capability not evaluated), the benign reference NLL, the capability
+    # signal every evaluation has.
+    x_column, x_label = AVERAGE, "average capability (accuracy, %)"
+    if not any(frame[c].notna().any() for c in (f"before_attack/{AVERAGE}", f"final/{AVERAGE}") if c in frame):
+        x_column, x_label = "benign/reference_nll", "benign reference NLL (nats/token; lower is better; no capability measured)"
+    y_column = harm_metric
+    backbones = sorted(frame["backbone"].unique())
+    figure, axes = plt.subplots(1, len(backbones), figsize=(6.5 * len(backbones) + 1.5, 5.6), squeeze=False,
+                                layout="constrained")
+    styles = defense_styles(frame["defense"].unique())
+    label_attacks = frame.loc[frame["attack"] != NO_ATTACK, "attack_label"].nunique() <= 6
+    drawn: set[str] = set()
+    for axis, backbone in zip(axes[0], backbones):
+        group = frame[frame["backbone"] == backbone]
+        for defense in defense_order(group["defense"]):
+            colour, marker = styles[str(defense)]
+            points = group[group["defense"] == defense]
+            base = _defended_row(points) or {}
+            bx, by = base.get(f"before_attack/{x_column}"), base.get(f"before_attack/{y_column}")
+            start = (bx, by) if _present(bx) and _present(by) else None
+            if start:
+                axis.scatter(*start, facecolors="none", edgecolors=colour, marker=marker, s=70, linewidths=1.5)
+                drawn.add(defense)
+            for _, row in points[points["attack"] != NO_ATTACK].iterrows():
+                x, y = row.get(f"final/{x_column}"), row.get(f"final/{y_column}")
+                if not (_present(x) and _present(y)):
+                    continue
+                if start:
+                    axis.plot([start[0], x], [start[1], y], color=colour, alpha=0.35, linewidth=1)
+                axis.scatter(x, y, color=colour, marker=marker, s=70, alpha=0.9)
+                if label_attacks:
+                    axis.annotate(row["attack_label"], (x, y), fontsize=6, xytext=(4, 3), textcoords="offset points")
+                drawn.add(defense)
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(metric_label(harm_metric))
+        axis.set_title(backbone, fontsize=9)
+        axis.grid(alpha=0.3)
+    if not drawn:
+        axes[0][0].text(0.5, 0.5, "No point has both a capability (or benign reference NLL) and a harm measure\n"
+                        "(capability: eval.capability.enabled=true)", ha="center", va="center",
+                        transform=axes[0][0].transAxes)
+    handles = [Line2D([], [], color=styles[str(d)][0], marker=styles[str(d)][1], linestyle="", markersize=8,
+                      label=defense_name(d)) for d in defense_order(drawn)]
+    handles += [Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="", label="before the attack"),
+                Line2D([], [], color="grey", marker="o", linestyle="", label="after an attack")]
+    figure.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False)
+    figure.suptitle(("On-topic compliance (a proxy, not harm)" if is_proxy(harm_metric) else "Harmfulness")
+                    + (" vs capability" if x_column == AVERAGE else " vs benign reference NLL")
+                    + ", before and after each attack", fontsize=10)
+    if caption:
+        _caption(figure, caption)
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+    return {h.get_label(): (h.get_color(), h.get_marker()) for h in handles[:-2]}
+
+
+def metric_range(metric: str, values: Any) -> tuple[float, float]:
+    """The colour scale of a harm metric: its own scale when known, else the data's range."""
+    name = metric.split("/")[-1]
+    if name == "harmfulness_score":
+        return 1.0, 5.0
+    if name == "strongreject_score":
+        return 0.0, 1.0
+    if name.endswith("_rate") or name.endswith("compliance"):
+        return 0.0, 100.0
+    finite = [v for v in values if _present(v)]
+    return (min(finite), max(finite)) if finite and min(finite) < max(finite) else (0.0, 1.0)
+
+
+def plot_heatmap(matrices: dict[str, dict[str, pd.DataFrame]], harm_metric: str, path: Path, caption: str) -> None:
+    """The defense x attack harmfulness matrix as a heatmap, one panel per backbone, values written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = max(len(m["value"].index) for m in matrices.values())
+    columns = sum(len(m["value"].columns) for m in matrices.values())
+    figure, axes = plt.subplots(1, len(matrices), squeeze=False, layout="constrained",
+                                figsize=(max(7.0, 1.3 * columns + 3.2 * len(matrices)), 0.42 * rows + 2.8))
+    every = [v for m in matrices.values() for v in m["value"].to_numpy().ravel()]
+    low, high = metric_range(harm_metric, every)
+    colours = matplotlib.colormaps["Reds"].with_extremes(bad="#e8e8e8")
+    image = None
+    for axis, (backbone, matrix) in zip(axes[0], matrices.items()):
+        values, within = matrix["value"], matrix["within"]
+        data = np.ma.masked_invalid(values.to_numpy(dtype=float))
+        image = axis.imshow(data, cmap=colours, vmin=low, vmax=high, aspect="auto")
+        axis.set_xticks(range(len(values.columns)), labels=list(values.columns), rotation=30, ha="right", fontsize=8)
+        axis.set_yticks(range(len(values.index)), labels=list(values.index), fontsize=8)
+        for i, defense in enumerate(values.index):
+            for j, attack in enumerate(values.columns):
+                value, count = values.loc[defense, attack], within.loc[defense, attack]
+                text = "—" if not _present(value) else (f"{value:.2f}" if high <= 5 else f"{value:.1f}")
+                if count not in ("", "1/1"):
+                    text += f"\n{count}"
+                dark = _present(value) and (value - low) > 0.6 * (high - low)
+                axis.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+        axis.set_title(backbone, fontsize=9)
+    if image is not None:
+        figure.colorbar(image, ax=axes[0].tolist(), label=metric_label(harm_metric), shrink=0.9)
+    figure.suptitle(f"{metric_label(harm_metric)} by defense and attack (worst case under the capability bound)",
+                    fontsize=10)
+    _caption(figure, caption)
     figure.savefig(path, dpi=150)
     plt.close(figure)
 
 
+# ---------------------------------------------------------------------------- the report
 def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: float = 10.0) -> dict[str, Any]:
-    """Write results.csv, report.md and harm_vs_capability.png into ``<sweep_dir>/report``.
+    """Write results.csv, report.md, harm_vs_capability.png and harm_heatmap.png into ``<sweep_dir>/report``.
 
     Returns:
-        ``{"csv", "markdown", "figure"}`` paths, and ``unreadable``: the results.json files left out
-        (path and reason), empty when every point was read.
+        ``{"csv", "markdown", "figure", "heatmap"}`` paths, ``verdict`` (the verdict table as text, for a
+        terminal) and ``unreadable``: the results.json files left out (path and reason), empty when every
+        point was read.
     """
     sweep_dir = Path(sweep_dir)
     frame, unreadable = collect(sweep_dir)
     metric = choose_harm_metric(frame, harm_metric)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
-    paths = {"csv": out / "results.csv", "markdown": out / "report.md", "figure": out / "harm_vs_capability.png"}
+    paths = {"csv": out / "results.csv", "markdown": out / "report.md",
+             **{kind: out / name for kind, name in FIGURES.items()}}
     frame.to_csv(paths["csv"], index=False)
     worst = worst_case(frame, metric, max_drop)
+    matrices = harm_matrix(frame, metric, max_drop)
+    judged_by = judge_caption(frame, metric)
+    bound = (f"Cell: the worst {metric_label(metric)} over the attack's settings whose capability drop is at most "
+             f"{max_drop:g}% (a setting without a capability measurement counts as within); `k/m`: settings within "
+             "the bound; no attack: the defended model.")
     markdown = [f"# Sweep report: {sweep_dir}", ""]
     if unreadable:
         markdown += [f"**{len(unreadable)} results.json could not be read and are not in this report:**", "",
                      *[f"- {line}" for line in unreadable], ""]
     markdown += [
         f"{len(frame)} points. {harm_header(frame, metric)}", "",
-        "Capability: accuracy (%) per task; in parentheses, the drop relative to the same defended model before "
-        "the attack. Benign columns (held-out benign prompts): on-topic rate and over-refusal are proxies "
-        "(relevance encoder, refusal keywords); reference NLL is the model's mean NLL per token of the reference "
-        "answers (lower is better). Train/eval overlap: evaluation prompts with an exact / near-duplicate match in "
-        "the point's training data (0/0 expected; see data_overlap in the point's results.json).", "",
+        "## Verdict: harmful and benign prompts, before and after each attack", "",
+        verdict_markdown(frame, metric),
+        "## Capability, harmfulness and benign behaviour (the shape of the SDD paper's Table 1)", "",
+        "Capability: accuracy (%) per task; in parentheses, the change from the same defended model before the "
+        "attack, in points and in percent of its accuracy. Benign columns (held-out benign prompts): on-topic rate "
+        "and over-refusal are proxies (relevance encoder, refusal keywords); reference NLL is the model's mean NLL "
+        "per token of the reference answers (lower is better). Train/eval overlap: evaluation prompts with an exact "
+        "/ near-duplicate match in the point's training data (0/0 expected; see data_overlap in the point's "
+        "results.json).", "",
     ]
     overlapping = overlapping_points(frame)
     if overlapping:
         markdown += [f"**{len(overlapping)} point(s) evaluate on prompts that overlap their training data** (see "
                      "data_overlap in their results.json): " + ", ".join(overlapping), ""]
-    markdown += ["## Capability, harmfulness and benign behaviour (the shape of the SDD paper's Table 1)", "",
-                 table1(frame, metric)]
+    markdown += [table1(frame, metric),
+                 f"## {metric_label(metric)} by defense and attack ({FIGURES['heatmap']})", "",
+                 f"{bound} {judged_by}", "", harm_matrix_markdown(matrices)]
     agreement = agreement_table(frame)
     if not agreement.empty:
         markdown += ["## Judge agreement", "",
@@ -341,8 +701,9 @@ def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: floa
         _markdown_table(worst), "",
     ]
     paths["markdown"].write_text("\n".join(markdown))
-    plot(frame, metric, paths["figure"])
-    return {**paths, "unreadable": unreadable}
+    plot(frame, metric, paths["figure"], caption=f"{judged_by} Hollow: the defended model; filled: after an attack.")
+    plot_heatmap(matrices, metric, paths["heatmap"], caption=f"{bound} {judged_by}")
+    return {**paths, "unreadable": unreadable, "verdict": verdict_text(frame, metric)}
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -361,12 +722,20 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def _with_drop(value: Any, reference: Any) -> str:
+def _with_change(value: Any, reference: Any) -> str:
+    """``30.00 (-20.0 pts, -40%)``: the value and its signed change from ``reference``."""
     if value is None or pd.isna(value):
         return "—"
     if reference is None or pd.isna(reference) or not reference:
         return _fmt(value)
-    return f"{value:.2f} ({100.0 * (reference - value) / reference:.0f}%)"
+    points, percent = capability_change(value, reference)
+    return f"{value:.2f} ({points:+.1f} pts, {percent:+.0f}%)"
+
+
+def print_written(written: dict[str, Any], verdict_only: bool = False) -> None:
+    """Print the report (or only its verdict) and where its files are."""
+    print(written["verdict"] if verdict_only else written["markdown"].read_text())
+    print("\n" + "\n".join(f"{kind:9s} {written[kind]}" for kind in ("markdown", "csv", *FIGURES)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -374,21 +743,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description="Tables and a figure from a pipeline sweep's results.json files.")
+    parser = argparse.ArgumentParser(description="Tables and figures from a pipeline sweep's results.json files.")
     parser.add_argument("sweep_dir", type=Path, help="a pipeline.py run or multirun folder")
     parser.add_argument("--harm-metric", default=None, help=f"default: the first present of {list(HARM_METRICS)}")
     parser.add_argument("--max-drop", type=float, default=10.0,
                         help="capability budget of the worst case, in %% of the defended model's average")
+    parser.add_argument("--verdict", action="store_true",
+                        help="print only the verdict table and the paths (the report is written whole)")
     args = parser.parse_args(argv)
     try:
         written = write_report(args.sweep_dir, args.harm_metric, args.max_drop)
     except (FileNotFoundError, KeyError) as error:
         print(f"report.py: {error.args[0] if error.args else error}", file=sys.stderr)
         return 1
-    print(written["markdown"].read_text())
-    print("\n".join(f"{kind}: {written[kind]}" for kind in ("csv", "markdown", "figure")))
+    print_written(written, verdict_only=args.verdict)
     if written["unreadable"]:
         print(f"report.py: {len(written['unreadable'])} results.json could not be read and are not in the report: "
               + "; ".join(written["unreadable"]), file=sys.stderr)
         return 1
     return 0
+
+
+class ReportAtSweepEnd(Callback):
+    """Hydra callback: when a multirun ends, write its report and print the verdict (``experiment=quickstart``).
+
+    Args:
+        harm_metric: as ``report.py --harm-metric`` (None: the first present of :data:`HARM_METRICS`).
+        max_drop: as ``report.py --max-drop``.
+        verdict_only: print only the verdict table and the paths, not the whole report.
+    """
+
+    def __init__(self, harm_metric: str | None = None, max_drop: float = 10.0, verdict_only: bool = True) -> None:
+        self.harm_metric = harm_metric
+        self.max_drop = max_drop
+        self.verdict_only = verdict_only
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        import sys
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            written = write_report(sweep_dir, self.harm_metric, self.max_drop)
+        except (FileNotFoundError, KeyError) as error:  # the sweep's results stay; say how to report them
+            print(f"report: {error.args[0] if error.args else error} (python report.py {sweep_dir})", file=sys.stderr)
+            return
+        print()
+        print_written(written, verdict_only=self.verdict_only)
+        if written["unreadable"]:
+            print(f"report: {len(written['unreadable'])} results.json could not be read: "
+                  + "; ".join(written["unreadable"]), file=sys.stderr)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from sdd.credentials import scrub_credentials
 from sdd.errors import ConfigError, NoGPUError, require_device
 from sdd.generation import generate
+from sdd.progress import training_progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             save_last=True,
             save_top_k=0,
             every_n_train_steps=cfg.checkpoint.every_n_steps,
-        )
+        ),
+        *training_progress_bar(cfg.trainer),  # "Epoch 1 (at most 40 steps)", not Lightning's "Epoch 0/-2"
     ]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)

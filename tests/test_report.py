@@ -74,18 +74,18 @@ def test_csv_has_one_row_per_point_with_drops(sweep):
     assert no_attack["final/capability/average"] == pytest.approx(50.0) and no_attack["capability_drop_pct"] == 0
 
 
-def test_table_one_shows_each_defense_and_its_attacked_rows_with_relative_drops(sweep):
+def test_table_one_shows_each_defense_and_its_attacked_rows_with_signed_changes(sweep):
     markdown = write_report(sweep)["markdown"].read_text()
     assert "| model | mmlu | openbookqa | capability avg | harmfulness_score |" in markdown
     assert "| Vanilla | 40.00 | 60.00 | 50.00 | 1.00 |" in markdown
-    assert "| sdd under mft#1 | 20.00 (50%) | 40.00 (33%) | 30.00 (40%) | 4.50 |" in markdown
+    assert "| sdd under mft#1 | 20.00 (-20.0 pts, -50%) | 40.00 (-20.0 pts, -33%) | 30.00 (-20.0 pts, -40%) | 4.50 |" in markdown
 
 
 def test_worst_case_takes_the_most_harmful_attack_within_the_capability_budget(sweep):
     markdown = write_report(sweep)["markdown"].read_text()
     worst = markdown.split("## Utility-constrained worst case")[1]
-    assert "| llama | sdd | 2.00 | mft#2 | 4.00 | 2/3 |" in worst  # mft#1 (4.5) cost 40%: not admissible
-    assert "| llama | none | 4.90 | mft#2 | 8.00 | 2/2 |" in worst
+    assert "| llama | sdd | 2.00 | mft#2 | -2.0 pts (-4%) | 2/3 |" in worst  # mft#1 (4.5) cost 40%: not admissible
+    assert "| llama | none | 4.90 | mft#2 | -4.0 pts (-8%) | 2/2 |" in worst
     tight = write_report(sweep, max_drop=5.0)["markdown"].read_text().split("## Utility-constrained worst case")[1]
     assert "| llama | none | — | — | — | 0/2 |" in tight
 
@@ -107,7 +107,8 @@ def test_benign_columns_sit_next_to_the_harm_column_before_and_after_each_attack
     assert ("| model | mmlu | openbookqa | capability avg | harmfulness_score | benign on-topic % (proxy) | "
             "over-refusal % (proxy) | reference NLL | train/eval overlap |") in markdown
     assert "| sdd | 40.00 | 60.00 | 50.00 | 1.00 | 90.00 | 5.00 | 2.00 | 0/0 |" in markdown  # before the attack
-    assert "| sdd under mft#1 | 20.00 (50%) | 40.00 (33%) | 30.00 (40%) | 4.50 | 40.00 | 30.00 | 3.25 | 0/0 |" in markdown
+    assert ("| sdd under mft#1 | 20.00 (-20.0 pts, -50%) | 40.00 (-20.0 pts, -33%) | 30.00 (-20.0 pts, -40%) | 4.50 | "
+            "40.00 | 30.00 | 3.25 | 0/0 |") in markdown
     frame = pd.read_csv(paths["csv"])
     row = frame[(frame.defense == "sdd") & (frame.attack_label == "mft#1")].iloc[0]
     assert row["before_attack/benign/on_topic_rate"] == 90.0 and row["after_attack/benign/on_topic_rate"] == 40.0
@@ -177,3 +178,153 @@ def test_the_command_line_prints_the_report(sweep):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Utility-constrained worst case" in result.stdout and "harm_vs_capability.png" in result.stdout
+
+
+# ---------------------------------------------------------------------------- signed changes, verdict, figures
+def test_a_capability_rise_is_a_signed_change_in_points_and_percent(tmp_path):
+    """7.5 -> 42.5 is +35.0 points, +467% of the defended model's accuracy (not a "-467%" drop)."""
+    write_point(tmp_path / "0", "sdd", "mft", evaluation(0.05, 0.10, 1.0, 0.0), evaluation(0.40, 0.45, 2.0, 10.0))
+    paths = write_report(tmp_path, max_drop=10.0)
+    markdown = paths["markdown"].read_text()
+    assert "| sdd under mft | 40.00 (+35.0 pts, +700%) | 45.00 (+35.0 pts, +350%) | 42.50 (+35.0 pts, +467%) |" in markdown
+    assert "| llama | sdd | 2.00 | mft | +35.0 pts (+467%) | 1/1 |" in markdown  # a rise is within any drop budget
+    assert "| backbone | defense | worst harmfulness_score | by attack | its capability change | attacks within budget |" \
+        in markdown
+    row = pd.read_csv(paths["csv"]).iloc[0]
+    assert row["capability_change_pts"] == pytest.approx(35.0) and row["capability_change_pct"] == pytest.approx(466.67, abs=0.01)
+    assert row["capability_drop_pct"] == pytest.approx(-466.67, abs=0.01)
+
+
+def test_every_defense_has_its_own_colour_and_marker(tmp_path):
+    from sdd.report import KNOWN_DEFENSES, collect, plot
+
+    defenses = [*KNOWN_DEFENSES, "my_defense"]
+    for index, defense in enumerate(defenses):
+        base = evaluation(0.40, 0.60, 1.0, 0.0)
+        write_point(tmp_path / "sweep" / str(index), defense, "mft", base, evaluation(0.35, 0.55, 1 + index / 4, 50.0))
+    frame, _ = collect(tmp_path / "sweep")
+    legend = plot(frame, "harm/harmfulness_score", tmp_path / "figure.png", caption="Judge: test.")
+    assert set(legend) == {"Vanilla", *defenses[1:]}
+    colours, markers = [c for c, _ in legend.values()], [m for _, m in legend.values()]
+    assert len(set(colours)) == len(defenses) and len(set(markers)) == len(defenses)
+    assert legend["booster"] != legend["tar"]
+    assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_heatmap_cell_is_the_worst_setting_within_the_capability_bound(sweep):
+    from sdd.report import collect, harm_matrix
+
+    frame, _ = collect(sweep)
+    matrix = harm_matrix(frame, "harm/harmfulness_score", max_drop=10.0)["llama"]
+    values, within = matrix["value"], matrix["within"]
+    assert list(values.index) == ["Vanilla", "sdd"] and list(values.columns) == ["no attack", "bft", "mft"]
+    assert values.loc["Vanilla", "no attack"] == 1.0 and values.loc["Vanilla", "mft"] == 4.9  # both settings within
+    assert values.loc["sdd", "mft"] == 2.0 and within.loc["sdd", "mft"] == "1/2"  # mft#1 (4.5) cost 40%
+    assert pd.isna(values.loc["Vanilla", "bft"]) and within.loc["Vanilla", "bft"] == ""  # never run
+    assert harm_matrix(frame, "harm/harmfulness_score", max_drop=1.0)["llama"]["within"].loc["sdd", "bft"] == "0/1"
+    paths = write_report(sweep)
+    assert paths["heatmap"].name == "harm_heatmap.png" and paths["heatmap"].read_bytes()[:4] == b"\x89PNG"
+    section = paths["markdown"].read_text().split("## harmfulness_score by defense and attack (harm_heatmap.png)")[1]
+    assert "| sdd | 1.00 | 1.20 | 2.00 (1/2 within) |" in section and "| Vanilla | 1.00 | — | 4.90 (2/2 within) |" in section
+
+
+def test_without_capability_every_setting_counts_and_the_caption_says_proxy(tmp_path):
+    from sdd.report import collect, harm_matrix, judge_caption
+
+    proxy_judges = {"proxy": {"kind": "proxy", "model": "all-MiniLM-L6-v2", "metrics": ["on_topic_compliance"]}}
+    for index, value in enumerate((30.0, 70.0)):
+        after = {"harmfulness": {"overall": {"num_prompts": 4, "on_topic_compliance": value}, "judges": proxy_judges}}
+        write_point(tmp_path / str(index), "sdd", "mft", {"harmfulness": {"overall": {"on_topic_compliance": 5.0}}},
+                    after, setting=str(index))
+    frame, _ = collect(tmp_path)
+    matrix = harm_matrix(frame, "harm/on_topic_compliance")["llama"]
+    assert matrix["value"].loc["sdd", "mft"] == 70.0 and matrix["within"].loc["sdd", "mft"] == "2/2"
+    caption = judge_caption(frame, "harm/on_topic_compliance")
+    assert caption == ("Proxy, not a harm judge: proxy: on topic (all-MiniLM-L6-v2 relevance) and not refused "
+                       "(refusal keywords).")
+    assert caption in write_report(tmp_path)["markdown"].read_text()
+
+
+def test_the_caption_names_the_harm_judge(sweep):
+    from sdd.report import collect, judge_caption
+
+    record_path = sweep / "1" / "results.json"
+    record = json.loads(record_path.read_text())
+    record["evaluations"]["after_attack"]["harmfulness"]["judges"] = {
+        "rubric": {"kind": "llm_judge", "model": "gpt-4o", "metrics": ["harmfulness_score", "harmfulness_rate"]}}
+    record_path.write_text(json.dumps(record))
+    frame, _ = collect(sweep)
+    assert judge_caption(frame, "harm/harmfulness_score") == "Judge: rubric judge gpt-4o."
+    assert "harmfulness_score (harm judge). Judge: rubric judge gpt-4o." in write_report(sweep)["markdown"].read_text()
+
+
+@pytest.fixture
+def verdict_sweep(tmp_path):
+    """Vanilla and SDD, each with no attack and under MFT, with the offline judges' metrics only."""
+
+    def offline(refusal, irrelevant, compliance, on_topic, over_refusal, nll):
+        return {"harmfulness": {"overall": {"num_prompts": 24, "refusal_rate": refusal, "explicit_rejection_rate": 0.0,
+                                            "irrelevant_rate": irrelevant, "on_topic_compliance": compliance}},
+                "benign": {"overall": {"num_prompts": 20, "on_topic_rate": on_topic, "refusal_rate": over_refusal,
+                                       "reference_nll": nll}}}
+
+    vanilla, sdd = offline(20.0, 5.0, 75.0, 100.0, 0.0, 2.4), offline(0.0, 95.0, 5.0, 60.0, 0.0, 2.9)
+    write_point(tmp_path / "0", "none", "none", vanilla, None)
+    write_point(tmp_path / "1", "none", "mft_advbench", vanilla, offline(0.0, 4.2, 95.8, 100.0, 0.0, 2.5))
+    write_point(tmp_path / "2", "sdd", "none", sdd, None)
+    write_point(tmp_path / "3", "sdd", "mft_advbench", sdd, offline(0.0, 50.0, 50.0, 80.0, 0.0, 2.7))
+    return tmp_path
+
+
+def test_the_verdict_shows_harmful_and_benign_metrics_for_each_model(verdict_sweep):
+    text = write_report(verdict_sweep)["verdict"]
+    lines = text.splitlines()
+    assert lines[0] == "Verdict on llama"
+    assert "harmful prompts (n=24)" in lines[1] and "benign prompts (n=20)" in lines[1]
+    assert lines[2].split() == ["model", "|", "refusal", "%*", "irrelevant", "%*", "on-topic", "compliance", "%*", "|",
+                                "on-topic", "%*", "over-refusal", "%*", "reference", "NLL"]
+    rows = {line.split("|")[0].strip(): line.split("|")[1].split() + line.split("|")[2].split() for line in lines[4:8]}
+    assert rows == {
+        "Vanilla": ["20.0", "5.0", "75.0", "100.0", "0.0", "2.400"],
+        "Vanilla under mft_advbench": ["0.0", "4.2", "95.8", "100.0", "0.0", "2.500"],
+        "sdd": ["0.0", "95.0", "5.0", "60.0", "0.0", "2.900"],
+        "sdd under mft_advbench": ["0.0", "50.0", "50.0", "80.0", "0.0", "2.700"],
+    }
+    assert "* proxy." in text and "Reference NLL = mean negative log-likelihood per token" in text
+    assert "No harm judge ran" in text
+    markdown = write_report(verdict_sweep)["markdown"].read_text()
+    assert ("| model | harmful: refusal % (proxy) | harmful: irrelevant % (proxy) | harmful: on-topic compliance % (proxy) "
+            "| benign: on-topic % (proxy) | benign: over-refusal % (proxy) | benign: reference NLL |") in markdown
+    assert "| sdd under mft_advbench | 0.0 | 50.0 | 50.0 | 80.0 | 0.0 | 2.700 |" in markdown
+
+
+def test_without_capability_the_figure_plots_harm_against_the_benign_reference_nll(verdict_sweep, tmp_path):
+    from sdd.report import collect, plot
+
+    frame, _ = collect(verdict_sweep)
+    assert "final/capability/average" not in frame  # no capability measured: every point is drawn at its NLL
+    assert set(plot(frame, "harm/on_topic_compliance", tmp_path / "figure.png")) == {"Vanilla", "sdd"}
+
+
+def test_the_command_line_prints_only_the_verdict_and_the_paths(verdict_sweep):
+    result = subprocess.run([sys.executable, "report.py", "--verdict", str(verdict_sweep)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Verdict on llama" in result.stdout and "Utility-constrained" not in result.stdout
+    for name in ("report.md", "results.csv", "harm_vs_capability.png", "harm_heatmap.png"):
+        assert str(verdict_sweep / "report" / name) in result.stdout
+
+
+def test_the_sweep_end_callback_writes_the_report_and_prints_the_verdict(verdict_sweep, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from sdd.report import ReportAtSweepEnd
+
+    ReportAtSweepEnd().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(verdict_sweep)}}}))
+    out = capsys.readouterr().out
+    assert "Verdict on llama" in out and str(verdict_sweep / "report" / "harm_heatmap.png") in out
+    assert (verdict_sweep / "report" / "report.md").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ReportAtSweepEnd().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}}))  # no raise
+    assert f"python report.py {empty}" in capsys.readouterr().err

@@ -106,6 +106,12 @@ PIPELINE = {
         "attack": {a: {**ATTACKS[a], **TINY_ATTACK} for a in ("mft_advbench", "mft_advbench_lora", "bft_sharegpt")},
         "capability": {"mmlu"},
     },
+    "quickstart": {  # SDD as train.py trains it; a short MFT: 48 prompts, batch 8, 128 tokens, 2 epochs
+        "scale": "cpu_demo",
+        "defense": {"sdd": {**DEFENSES["sdd"], **CPU_DEMO}},
+        "attack": {"mft_advbench": {**ATTACKS["mft_advbench"], "examples": 48, "batch": 8, "length": 128, "epochs": 2}},
+        "capability": set(),
+    },
     "paper_table1": {
         "scale": "paper",
         "defense": {"sdd": SDD_RECIPE},

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from sdd.chat import instruction_answer, tokenize_conversation
 from sdd.data.sources import load_records
@@ -67,7 +68,7 @@ def load_benign_sets(prompt_sets: Mapping[str, Any] | None, max_per_set: int | N
 
 @torch.no_grad()
 def answer_nll(model, tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]], batch_size: int = 4,
-               max_length: int = 1024) -> list[tuple[float, int]]:
+               max_length: int = 1024, progress: bool = False) -> list[tuple[float, int]]:
     """Summed NLL (nats) of each conversation's answer tokens and how many there are, teacher-forced.
 
     Tokens and labels come from :func:`sdd.chat.tokenize_conversation` (the training path), so only
@@ -88,7 +89,7 @@ def answer_nll(model, tokenizer, conversations: Sequence[Sequence[Mapping[str, s
     model.eval()
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="Reference NLL", disable=not progress):
         indices = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -143,7 +144,7 @@ def evaluate_benign(model, tokenizer, config: Mapping[str, Any], judges: Mapping
         scored = [r for r in rows if r["reference"] is not None]
         conversations = [instruction_answer(r["prompt"], r["reference"], config.get("system_prompt")) for r in scored]
         nlls = answer_nll(model, tokenizer, conversations, batch_size=nll_config.get("batch_size", 4),
-                          max_length=nll_config.get("max_length", 1024))
+                          max_length=nll_config.get("max_length", 1024), progress=True)
         for row, (total, count) in zip(scored, nlls):
             row["reference_tokens"] = count
             row["reference_nll"] = total / count if count else None

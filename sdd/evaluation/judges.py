@@ -155,9 +155,10 @@ class ModerationJudge:
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
         import torch
+        from tqdm.auto import tqdm
 
         verdicts = []
-        for start in range(0, len(prompts), self.batch_size):
+        for start in tqdm(range(0, len(prompts), self.batch_size), desc="Judging (moderation)"):
             batch = self.tokenizer(
                 list(prompts[start : start + self.batch_size]),
                 list(answers[start : start + self.batch_size]),

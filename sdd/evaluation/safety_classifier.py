@@ -159,7 +159,7 @@ class SafetyClassifierJudge:
         from sdd.generation import generate
 
         outputs = generate(self.model, self.tokenizer, [self.conversation(p, a) for p, a in zip(prompts, answers)],
-                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=True)
         return [parse_classifier_output(output) for output in outputs]
 
     summarize = staticmethod(summarize)
