@@ -304,7 +304,8 @@ class ChatJudge(Generic[V]):
             log.info("%s judge %s at %s: %d items, %d cached, %d to request.", self.name, self.model,
                      redact_url(self.url), len(items), sum(k in cached for k in keys), len(todo))
             result = self._client.post_all(todo, on_reply=lambda key, reply: self._cache.store(
-                connection, key, reply, judge=self.judge_id, model=self.model, prompt_sha256=self.prompt.sha256))
+                connection, key, reply, judge=self.judge_id, model=self.model, prompt_sha256=self.prompt.sha256),
+                progress=f"Judging ({self.name})")
         finally:
             connection.close()
 
