@@ -54,14 +54,19 @@ def test_generation_throughput_counts_tokens_and_compares_answers(tmp_path, comm
     output = tmp_path / "generation.json"
     load_script("generation_throughput").main([
         "--backbone", "tiny_llama", "--num-prompts", "6", "--max-new-tokens", "4", "--batch-size", "4",
-        "--output", str(output), *common_args[:2],
+        "--rounds", "2", "--output", str(output), *common_args[:2],
     ])
     results = json.loads(output.read_text())
     assert results["settings"]["prompts"] == 6
+    # Interleaved rounds: the one-by-one arm answers every prompt once over the run, the batched arm once a round.
+    assert [r["one_by_one"]["prompts"] for r in results["rounds"]] == [3, 3]
+    assert [r["batched"]["prompts"] for r in results["rounds"]] == [6, 6]
+    assert [r["first"] for r in results["rounds"]] == ["one_by_one", "batched"]
+    assert results["runs"]["batch_1"]["prompts_answered"] == 6 and results["runs"]["batch_4"]["prompts_answered"] == 12
     for run in results["runs"].values():
-        assert 0 < run["generated_tokens"] <= 6 * 4
+        assert 0 < run["generated_tokens"] <= run["prompts_answered"] * 4
         assert run["tokens_per_second"] > 0
-    assert results["speedup_batched_over_batch_1"] > 0
+    assert results["speedup_batched_over_batch_1"] > 0 and len(results["speedup_per_round"]) == 2
     assert results["mismatched_answers"] == len(results["mismatched_indices"]) >= 0
 
 
