@@ -353,14 +353,14 @@ def local_stop_token_ids(tokenizer, location: str, trust_remote_code: bool = Fal
     """The stop tokens of the local path (:mod:`sdd.generation`) for the model at ``location``, without its weights."""
     from transformers import AutoConfig, GenerationConfig
 
-    from sdd.generation import _stop_ids
+    from sdd.generation import stop_token_ids
 
     try:
         generation_config = GenerationConfig.from_pretrained(location)
     except OSError:  # no generation_config.json: transformers derives one from config.json, as on loading
         generation_config = GenerationConfig.from_model_config(
             AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code))
-    return list(_stop_ids(tokenizer, SimpleNamespace(generation_config=generation_config)))
+    return list(stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation_config)))
 
 
 def folder_fingerprint(location: str) -> str | None:
