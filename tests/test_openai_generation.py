@@ -65,7 +65,7 @@ def answers_of(generator, prompts=PROMPTS, max_new_tokens=8, system_prompt=None)
 
 def test_completion_prompt_is_the_local_paths_rendering_with_its_greedy_settings(
         endpoint, make_generator, tiny_backbone, tiny_tokenizer):  # noqa: F811
-    from sdd.generation import _stop_ids
+    from sdd.generation import stop_token_ids
 
     answers = answers_of(make_generator(max_concurrency=1), PROMPTS[:2], max_new_tokens=7, system_prompt="Be brief.")
     assert answers == expected(PROMPTS[:2])
@@ -80,7 +80,7 @@ def test_completion_prompt_is_the_local_paths_rendering_with_its_greedy_settings
         assert tiny_tokenizer(body["prompt"], add_special_tokens=False)["input_ids"] == tokenize_prompt(
             tiny_tokenizer, conversation)
         assert (body["model"], body["max_tokens"], body["temperature"], body["n"]) == ("served-model", 7, 0.0, 1)
-        assert body["stop_token_ids"] == _stop_ids(tiny_tokenizer, model)  # the local path's stop tokens
+        assert body["stop_token_ids"] == stop_token_ids(tiny_tokenizer, model)  # the local path's stop tokens
         assert body["skip_special_tokens"] is True and "stop" not in body
 
 
