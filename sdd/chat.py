@@ -149,6 +149,28 @@ class TokenizedExample:
     truncated: bool = False
 
 
+class PadCollator:
+    """Right-pads a batch: ``input_ids`` with the pad id, ``labels`` with ``ignore_index``."""
+
+    def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.pad_token_id = pad_token_id
+        self.ignore_index = ignore_index
+
+    def __call__(self, examples: Sequence[TokenizedExample]) -> dict:
+        import torch
+
+        width = max(len(e.input_ids) for e in examples)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), self.ignore_index, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            length = len(example.input_ids)
+            input_ids[row, :length] = torch.tensor(example.input_ids)
+            labels[row, :length] = torch.tensor(example.labels)
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
 def tokenize_conversation(
     tokenizer,
     messages: Sequence[Message],

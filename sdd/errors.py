@@ -17,6 +17,10 @@ class ConfigError(UserError, ValueError):
     """A config value is invalid, or conflicts with what is on disk."""
 
 
+class DataStreamError(ConfigError):
+    """A training objective reads a data stream the configured data does not provide."""
+
+
 class NoGPUError(UserError, RuntimeError):
     """The config asks for a CUDA GPU and none is visible."""
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import compose_config
 from sdd.chat import IGNORE_INDEX, instruction_answer, tokenize_conversation, tokenize_prompt, user_turn
 from sdd.data.sources import DataSource, load_records
-from sdd.modules.common import answer_logprobs
+from sdd.modules.ops import answer_logprobs
 from sdd.modules.deepalign import constrained_loss, token_betas
 from sdd.modules.simpo import simpo_loss
 from sdd.training import train
@@ -94,7 +94,7 @@ def test_simpo_raises_the_margin_and_has_no_gradient_far_beyond_gamma(tiny_backb
         margins.append(metrics["reward_margin"].item())
     assert losses[-1] < 0.5 * losses[0] and margins[-1] > margins[0] + 1.0
 
-    module.gamma = -1e3  # every margin is now far beyond γ
+    module.hparams.gamma = -1e3  # every margin is now far beyond γ
     gradients = grads_of(module(batch), module.model)
     assert max(g.abs().max().item() for g in gradients) < 1e-20
 

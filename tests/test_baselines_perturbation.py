@@ -15,9 +15,8 @@ from transformers import AutoModelForCausalLM
 from conftest import compose_config
 from sdd.backbones import Backbone
 from sdd.chat import IGNORE_INDEX
-from sdd.modules.booster import answer_cross_entropy
-from sdd.modules.repnoise import final_norm, gaussian_mmd
-from sdd.modules.vaccine import decoder_layers, global_norm
+from sdd.modules.ops import decoder_layers, final_norm, global_norm, model_cross_entropy
+from sdd.modules.repnoise import gaussian_mmd
 from sdd.training import train
 
 from defense_helpers import all_close, first_batch, grads_of, logged, make
@@ -60,13 +59,13 @@ def test_booster_regularizer_gradient_is_the_difference_of_harmful_gradients(tin
 
     # Independently, on a copy: ∇h(w), the normalised step to w̃, ∇h(w̃).
     model = copy.deepcopy(module.model)
-    loss = answer_cross_entropy(model, harmful)
+    loss = model_cross_entropy(model, harmful)[0]
     gradient = grads_of(loss, model)
     norm = torch.sqrt(sum((g * g).sum() for g in gradient))
     with torch.no_grad():
         for p, g in zip(model.parameters(), gradient):
             p.sub_(0.5 * g / (norm + 1e-7))
-    perturbed_loss = answer_cross_entropy(model, harmful)
+    perturbed_loss = model_cross_entropy(model, harmful)[0]
     perturbed_gradient = grads_of(perturbed_loss, model)
 
     assert all_close(difference, [g - h for g, h in zip(gradient, perturbed_gradient)], rtol=1e-4, atol=1e-7)

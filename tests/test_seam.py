@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from sdd.backbones import Backbone
 from sdd.modules import SEAMModule
-from sdd.modules.seam import answer_cross_entropy
+from sdd.modules.ops import answer_cross_entropy
 from sdd.training import train
 
 from conftest import compose_config

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sdd.chat import IGNORE_INDEX, Conversation, TokenizedExample, instruction_answer, tokenize_conversation
+from sdd.chat import IGNORE_INDEX, Conversation, PadCollator, TokenizedExample, instruction_answer, tokenize_conversation
 from sdd.data.sources import DataSource, DataSourceError, load_records
 from sdd.datamodules.retention import RetentionStream, retention_stream
 
@@ -29,26 +29,6 @@ class TokenizedDataset(Dataset):
 
     def __getitem__(self, index: int) -> TokenizedExample:
         return self.examples[index]
-
-
-class PadCollator:
-    """Right-pads a batch: ``input_ids`` with the pad id, ``labels`` with ``ignore_index``."""
-
-    def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX) -> None:
-        self.pad_token_id = pad_token_id
-        self.ignore_index = ignore_index
-
-    def __call__(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
-        width = max(len(e.input_ids) for e in examples)
-        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), self.ignore_index, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            length = len(example.input_ids)
-            input_ids[row, :length] = torch.tensor(example.input_ids)
-            labels[row, :length] = torch.tensor(example.labels)
-            attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 class ConversationDataModule(L.LightningDataModule):

@@ -61,6 +61,11 @@ class MultiStreamDataModule(L.LightningDataModule):
         manifests = {n: s.manifest for n, s in self.streams.items() if getattr(s, "manifest", None) is not None}
         self.manifest = manifests or None
 
+    @property
+    def stream_names(self) -> list[str]:
+        """The keys of a training batch."""
+        return list(self.streams)
+
     def train_dataloader(self) -> CombinedLoader:
         loaders = {name: stream.train_dataloader() for name, stream in self.streams.items()}
         return CombinedLoader(loaders, mode="max_size_cycle")
@@ -68,3 +73,15 @@ class MultiStreamDataModule(L.LightningDataModule):
     def val_dataloader(self) -> CombinedLoader | list:
         loaders = {name: s.val_dataloader() for name, s in self.streams.items() if s.val_set is not None}
         return CombinedLoader(loaders, mode="max_size_cycle") if loaders else []
+
+
+def batch_streams(datamodule: Any) -> list[str]:
+    """The named streams of the batches a data module yields (empty for plain single-stream data).
+
+    Multi-stream data yields ``{stream: batch}``; preference data ``{"chosen": batch, "rejected": batch}``.
+    """
+    from sdd.datamodules.preference import PreferenceDataModule
+
+    if isinstance(datamodule, PreferenceDataModule):
+        return ["chosen", "rejected"]
+    return list(getattr(datamodule, "stream_names", None) or [])

@@ -31,9 +31,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sdd.chat import instruction_answer, tokenize_conversation
+from sdd.chat import PadCollator, instruction_answer, tokenize_conversation
 from sdd.data.sources import load_records
 from sdd.evaluation.generation import AnswerGenerator, LocalGenerator, generate_answers
+from sdd.losses import answer_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,6 @@ def answer_nll(model, tokenizer, conversations: Sequence[Sequence[Mapping[str, s
         ``(sum of -log p over answer tokens, number of answer tokens)`` per conversation, in order;
         ``(0.0, 0)`` for a conversation whose answer lies beyond ``max_length``.
     """
-    from sdd.datamodules.conversations import PadCollator
-    from sdd.modules.common import answer_logprobs
-
     examples = [tokenize_conversation(tokenizer, c, max_length) for c in conversations]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = PadCollator(pad_id)

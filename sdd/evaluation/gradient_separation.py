@@ -40,7 +40,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from sdd.modules.seam import answer_cross_entropy
+from sdd.chat import IGNORE_INDEX, PadCollator, instruction_answer, tokenize_conversation
+from sdd.data.sources import DataSource, load_records
+from sdd.losses import answer_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -254,18 +256,24 @@ def gradient_separation(
 
 def load_batches(source: Any, tokenizer, num_batches: int, batch_size: int, max_length: int, seed: int,
                  name: str) -> list[dict[str, torch.Tensor]]:
-    """``num_batches`` batches of an instruction-answer source, formatted by the project's data path."""
-    from sdd.datamodules import InstructionAnswerDataModule
+    """``num_batches`` batches of an instruction-answer source, formatted by the project's chat path.
 
-    data = InstructionAnswerDataModule(source=source, num_examples=num_batches * batch_size,
-                                       batch_size=batch_size, max_length=max_length, seed=seed)
-    data.connect(tokenizer)
-    data.setup("fit")
-    batches = []
-    for batch in data.train_dataloader():
-        if len(batches) == num_batches:
-            break
-        batches.append(batch)
+    A seeded random subset of ``num_batches * batch_size`` records (columns ``instruction``, ``answer``),
+    tokenized and masked by :func:`sdd.chat.tokenize_conversation` (answer tokens only, cut at
+    ``max_length``; examples with no answer token left are dropped), in a seeded random order.
+    """
+    records = load_records(DataSource.from_config(source, name), required=["instruction", "answer"])
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(records), generator=generator)[: num_batches * batch_size].tolist()
+    examples = [tokenize_conversation(tokenizer, instruction_answer(str(records[i]["instruction"]),
+                                                                    str(records[i]["answer"])), max_length)
+                for i in sorted(chosen)]
+    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = PadCollator(pad_id)
+    batches = [collate([examples[i] for i in order[start:start + batch_size]])
+               for start in range(0, len(order), batch_size)][:num_batches]
     if len(batches) < num_batches:
         log.warning("Gradient separation: %s gives %d batches of %d, not %d.", name, len(batches), batch_size, num_batches)
     return batches

@@ -40,15 +40,9 @@ from typing import Any, Callable
 import torch
 
 from sdd.backbones import Backbone
-from sdd.modules.common import ManualStepMixin, answer_logprobs, masked_mean
+from sdd.modules.common import ManualStepMixin
+from sdd.modules.ops import global_norm, restored
 from sdd.modules.sft import SFTModule
-
-
-def answer_cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Token-mean cross-entropy of the labelled tokens; 0 (constant) when none is labelled."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps, mask = answer_logprobs(logits, batch["labels"])
-    return -masked_mean(logps, mask)
 
 
 class BoosterModule(ManualStepMixin, SFTModule):
@@ -62,6 +56,8 @@ class BoosterModule(ManualStepMixin, SFTModule):
     """
 
     supports_deepspeed = False  # weights are moved and restored, gradients combined, between passes
+    streams = ("alignment", "harmful")
+    data_config = "booster"
 
     def __init__(
         self,
@@ -79,14 +75,8 @@ class BoosterModule(ManualStepMixin, SFTModule):
             raise ValueError(f"module.lam and module.alpha must be >= 0, got lam={lam}, alpha={alpha}.")
         self.automatic_optimization = False
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def harmful_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return answer_cross_entropy(self.model, batch)
-
     def _harmful_gradient(self, batch: dict[str, torch.Tensor], params: list[torch.nn.Parameter]):
-        loss = self.harmful_loss(batch)
+        loss = self.cross_entropy(batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
         grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -104,18 +94,13 @@ class BoosterModule(ManualStepMixin, SFTModule):
         """
         params = self.trainable_parameters()
         loss, grads = self._harmful_gradient(harmful, params)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norm = global_norm(grads)
         scale = self.hparams.alpha / (norm + 1e-7)
-        saved = [p.detach().clone() for p in params]
-        try:
+        with restored(params):
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.sub_((g.float() * scale).to(p.dtype))
             perturbed_loss, perturbed_grads = self._harmful_gradient(harmful, params)
-        finally:
-            with torch.no_grad():
-                for p, value in zip(params, saved):
-                    p.copy_(value)
         difference = [g - g_tilde for g, g_tilde in zip(grads, perturbed_grads)]
         return difference, {
             "harmful_loss": loss, "perturbed_harmful_loss": perturbed_loss,
@@ -124,14 +109,10 @@ class BoosterModule(ManualStepMixin, SFTModule):
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """The alignment loss f (validation)."""
-        return SFTModule.forward(self, batch[self.hparams.alignment_stream])
+        return self.cross_entropy(batch[self.hparams.alignment_stream])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        if hp.alignment_stream not in batch or hp.harmful_stream not in batch:
-            raise KeyError(f"Booster needs batches with streams '{hp.alignment_stream}' and '{hp.harmful_stream}', "
-                           f"got {sorted(batch)}: use data=booster, or set module.alignment_stream / "
-                           "module.harmful_stream.")
         optimizer = self.optimizers()
         optimizer.zero_grad()
         difference, stats = self.regularizer_gradient(batch[hp.harmful_stream])
@@ -143,15 +124,12 @@ class BoosterModule(ManualStepMixin, SFTModule):
             p.grad.add_(d.to(p.grad.dtype), alpha=hp.lam)
         self.clip_and_step(optimizer)
 
-        size = batch[hp.alignment_stream]["input_ids"].shape[0]
-        self.log("train/loss", alignment_loss.detach() + hp.lam * stats["regularizer"], prog_bar=True, batch_size=size)
-        self.log("train/alignment_loss", alignment_loss.detach(), batch_size=size)
-        for name, value in stats.items():
-            self.log(f"train/{name}", value, batch_size=size)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=size)
+        metrics = {"loss": alignment_loss.detach() + hp.lam * stats["regularizer"], "alignment_loss": alignment_loss,
+                   **stats}
+        self.log_metrics("train", metrics, batch_size=batch[hp.alignment_stream]["input_ids"].shape[0])
         return alignment_loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch[self.hparams.alignment_stream]["input_ids"].shape[0])
+        self.log_metrics("val", {"loss": loss}, batch_size=batch[self.hparams.alignment_stream]["input_ids"].shape[0])
         return loss

@@ -1,9 +1,8 @@
-"""Pieces shared by the defense objectives: per-token answer log-probabilities, a frozen reference,
-and the optimizer step of manual-optimization modules.
+"""LightningModule building blocks shared by the defense objectives: a frozen reference and the optimizer
+step of manual-optimization modules (the operations on models and losses are in :mod:`sdd.modules.ops`).
 
-SimPO and DeepAlign compare log-probabilities of answer tokens; DeepAlign and TAR compare the trained
-model with the initial (aligned) one; SEAM, Booster and TAR take several passes per step and step the
-optimizer themselves. Each is defined once here.
+DeepAlign and TAR compare the trained model with the initial (aligned) one; SEAM, Booster and TAR take
+several passes per step and step the optimizer themselves. Each is defined once here.
 """
 
 from __future__ import annotations
@@ -12,41 +11,6 @@ import contextlib
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
-
-from sdd.chat import IGNORE_INDEX
-
-
-def answer_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log π(y_t | x, y_<t)`` of every labelled token, aligned with the causal shift.
-
-    Args:
-        logits: ``[batch, seq, vocab]`` from a causal LM.
-        labels: ``[batch, seq]`` token ids, ``ignore_index`` where no loss is taken.
-
-    Returns:
-        ``(logps, mask)``, both ``[batch, seq - 1]``: the log-probability of token ``t + 1`` given the
-        tokens up to ``t`` (0 where masked) and whether that position carries a label.
-    """
-    shifted_labels = labels[:, 1:]
-    shifted_logits = logits[:, :-1].float()
-    mask = shifted_labels != ignore_index
-    # cross_entropy is the fused log_softmax + gather; ignored positions come back as 0.
-    nll = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
-        ignore_index=ignore_index,
-        reduction="none",
-    )
-    return -nll.view(shifted_labels.shape), mask
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is true (0 if nothing is)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 class FrozenReference:

@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from sdd.backbones import Backbone
-from sdd.modules.common import FrozenReference, answer_logprobs, masked_mean
+from sdd.modules.common import FrozenReference
+from sdd.modules.ops import answer_logprobs, masked_mean
 from sdd.modules.sft import SFTModule
 
 OBJECTIVES = ("constrained", "sft")
@@ -78,6 +79,9 @@ class DeepAlignModule(SFTModule):
         safety_stream, utility_stream: names of the two streams of the batch.
         Others as :class:`SFTModule`.
     """
+
+    streams = ("safety", "utility")
+    data_config = "deepalign"
 
     def __init__(
         self,
@@ -125,14 +129,8 @@ class DeepAlignModule(SFTModule):
         return constrained_loss(logps, reference_logps, betas, mask), cross_entropy
 
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        safety_key, utility_key = self.hparams.safety_stream, self.hparams.utility_stream
-        if safety_key not in batch or utility_key not in batch:
-            raise KeyError(
-                f"DeepAlign needs batches with streams '{safety_key}' and '{utility_key}', got {sorted(batch)}: "
-                "use data=deepalign, or set module.safety_stream / module.utility_stream."
-            )
-        safety, safety_ce = self.safety_loss(batch[safety_key])
-        utility = super().forward(batch[utility_key])
+        safety, safety_ce = self.safety_loss(batch[self.hparams.safety_stream])
+        utility = self.cross_entropy(batch[self.hparams.utility_stream])
         alpha = self.hparams.alpha
         return {"loss": alpha * safety + (1 - alpha) * utility, "safety_loss": safety, "safety_ce": safety_ce,
                 "utility_loss": utility}
@@ -142,16 +140,11 @@ class DeepAlignModule(SFTModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         losses = self._losses(batch)
-        batch_size = batch[self.hparams.safety_stream]["input_ids"].shape[0]
-        for name, value in losses.items():
-            self.log(f"{stage}/{name}", value.detach() if name != "loss" else value, prog_bar=name == "loss",
-                     batch_size=batch_size)
+        self.log_metrics(stage, losses, batch_size=batch[self.hparams.safety_stream]["input_ids"].shape[0])
         return losses["loss"]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train")
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
-        return loss
+        return self._shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")

@@ -37,12 +37,11 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from sdd.backbones import Backbone
 from sdd.chat import IGNORE_INDEX
+from sdd.modules.ops import decoder_layers, forward_hooks, logit_lens_cross_entropy, main_output, model_cross_entropy
 from sdd.modules.sft import SFTModule
-from sdd.modules.vaccine import decoder_layers, forward_hooks, main_output
 
 REPRESENTATIONS = ("mlp", "layer")
 
@@ -64,18 +63,6 @@ def gaussian_mmd(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kern
     return kernel[:n, :n].mean() + kernel[n:, n:].mean() - kernel[:n, n:].mean() - kernel[n:, :n].mean()
 
 
-def final_norm(model: torch.nn.Module) -> torch.nn.Module:
-    """The normalisation applied before the output head (Llama ``norm``, Phi ``final_layernorm`` ...)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
-    for owner in (decoder, getattr(decoder, "encoder", None), base):
-        for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
-            module = getattr(owner, name, None) if owner is not None else None
-            if isinstance(module, torch.nn.Module):
-                return module
-    raise ValueError(f"No final norm found in {type(base).__name__}: set module.logit_lens=false.")
-
-
 class RepNoiseModule(SFTModule):
     """Representation Noising on ``{"harmful": batch, "alignment": batch}`` steps.
 
@@ -88,6 +75,9 @@ class RepNoiseModule(SFTModule):
         harmful_stream, retain_stream: harmful prompt -> harmful answer; the harmless (retain) pairs.
         Others as :class:`SFTModule`.
     """
+
+    streams = ("harmful", "retain")
+    data_config = "repnoise"
 
     def __init__(
         self,
@@ -118,20 +108,6 @@ class RepNoiseModule(SFTModule):
             raise ValueError(f"{type(layers[0]).__name__} has no mlp block: use module.representation=layer.")
         return {i: layer.mlp for i, layer in enumerate(layers)}
 
-    def ascent_cross_entropy(self, hidden_states: Sequence[torch.Tensor], logits: torch.Tensor,
-                             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean over layers of the answer tokens' cross-entropy read out at each layer, and the final one."""
-        targets = labels[:, 1:]
-        mask = targets != IGNORE_INDEX
-        final = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask]) if mask.any() else logits.sum() * 0
-        if not self.hparams.logit_lens or not mask.any():
-            return final, final
-        norm, head = final_norm(self.model), self.model.get_output_embeddings()
-        # hidden_states = (embeddings, outputs of layers 1..L-1, final normed output): read out all but the
-        # last through the lens; the last one's read-out is the model's own logits.
-        per_layer = [F.cross_entropy(head(norm(h[:, :-1][mask])).float(), targets[mask]) for h in hidden_states[:-1]]
-        return torch.stack([*per_layer, final]).mean(), final
-
     def noise_loss(self, representations: Sequence[torch.Tensor], answer_mask: torch.Tensor) -> torch.Tensor:
         """Mean over layers of MMD(masked representations, masked N(0, I) draws), one sample per example."""
         hp = self.hparams
@@ -155,11 +131,10 @@ class RepNoiseModule(SFTModule):
             return hook
 
         with forward_hooks(sites, capture):
-            output = self.model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"],
-                                output_hidden_states=hp.logit_lens, use_cache=False)
-        ascent, harmful_ce = self.ascent_cross_entropy(output.hidden_states, output.logits, harmful["labels"])
+            harmful_ce, output = model_cross_entropy(self.model, harmful, output_hidden_states=hp.logit_lens)
+        ascent = logit_lens_cross_entropy(self.model, output, harmful["labels"])[0] if hp.logit_lens else harmful_ce
         noise = self.noise_loss([captured[i] for i in sorted(captured)], harmful["labels"] != IGNORE_INDEX)
-        retain = SFTModule.forward(self, batch[hp.retain_stream])
+        retain = self.cross_entropy(batch[hp.retain_stream])
         loss = retain - hp.alpha * torch.log1p(ascent) + hp.beta * noise
         return {"loss": loss, "retain_loss": retain, "harmful_ascent_ce": ascent, "harmful_ce": harmful_ce,
                 "noise_mmd": noise}
@@ -168,20 +143,11 @@ class RepNoiseModule(SFTModule):
         return self.losses(batch)["loss"]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        hp = self.hparams
-        if hp.harmful_stream not in batch or hp.retain_stream not in batch:
-            raise KeyError(f"RepNoise needs batches with streams '{hp.harmful_stream}' and '{hp.retain_stream}', got "
-                           f"{sorted(batch)}: use data=repnoise, or set module.harmful_stream / module.retain_stream.")
         losses = self.losses(batch)
-        size = batch[hp.retain_stream]["input_ids"].shape[0]
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
-        for name, value in losses.items():
-            if name != "loss":
-                self.log(f"train/{name}", value.detach(), batch_size=size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        self.log_metrics("train", losses, batch_size=batch[self.hparams.retain_stream]["input_ids"].shape[0])
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.losses(batch)["retain_loss"]
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch[self.hparams.retain_stream]["input_ids"].shape[0])
+        self.log_metrics("val", {"loss": loss}, batch_size=batch[self.hparams.retain_stream]["input_ids"].shape[0])
         return loss

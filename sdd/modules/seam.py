@@ -84,17 +84,15 @@ import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from sdd.backbones import Backbone
-from sdd.chat import IGNORE_INDEX
 from sdd.modules.common import ManualStepMixin
+from sdd.modules.ops import logit_lens_cross_entropy, model_cross_entropy, restored
 from sdd.modules.sft import SFTModule
 
 log = logging.getLogger(__name__)
 
 UNLEARN_LOSSES = ("neg_log1p_ce", "neg_ce")
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
 
 # Lightning warns that manual-optimization checkpoints hold the weights after the step: that is the
 # state consistent with the saved global step, which resuming needs.
@@ -111,17 +109,6 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
         term = torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(x.device, dtype))
         total = term if total is None else total + term.to(total.device)
     return total.cpu() if total is not None else torch.tensor(0.0)
-
-
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions, in at least float32."""
-    return F.cross_entropy(
-        _upcast(logits[:, :-1]).flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-    )
 
 
 @contextlib.contextmanager
@@ -158,6 +145,8 @@ class SEAMModule(ManualStepMixin, SFTModule):
     """
 
     supports_deepspeed = False  # reads whole gradients and perturbs whole weights
+    streams = ("harmful", "benign", "alignment", "unlearn")
+    data_config = "seam"
 
     def __init__(
         self,
@@ -187,41 +176,20 @@ class SEAMModule(ManualStepMixin, SFTModule):
         if min(alpha, beta, unlearn_weight) < 0:
             raise ValueError("module.alpha, module.beta and module.unlearn_weight must be >= 0 (0 switches a term off).")
         self.automatic_optimization = False
-        self._final_norm: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ setup and checks
-    @property
-    def stream_roles(self) -> dict[str, str]:
-        """Config key -> stream name, for every stream a step reads."""
+    def required_streams(self) -> dict[str, str]:
+        """Role -> stream name, for every stream a step reads (a term with weight 0 reads none)."""
         hp = self.hparams
-        roles = {"harmful_stream": hp.harmful_stream, "benign_stream": hp.benign_stream}
-        if hp.alpha > 0:
-            roles["alignment_stream"] = hp.alignment_stream
-        if hp.unlearn_weight > 0:
-            roles["unlearn_stream"] = hp.unlearn_stream
+        roles = super().required_streams()
+        if hp.alpha == 0:
+            roles.pop("alignment")
+        if hp.unlearn_weight == 0:
+            roles.pop("unlearn")
         return roles
 
-    def check_streams(self, available: Sequence[str]) -> None:
-        """Fail with the fix when a configured stream is not among the data's streams."""
-        missing = {key: name for key, name in self.stream_roles.items() if name not in available}
-        if missing:
-            wrong = ", ".join(f"module.{key}={name!r}" for key, name in missing.items())
-            raise ValueError(
-                f"SEAM reads streams the data does not provide: {wrong}; the data's streams are "
-                f"{sorted(available)}. Use data=seam (streams harmful, benign, alignment), or set the "
-                "module.*_stream keys to streams of data.streams."
-            )
-
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            streams = getattr(datamodule, "streams", None)
-            if streams is None:
-                raise ValueError(
-                    f"SEAM needs harmful, benign and alignment batches side by side, but data is a "
-                    f"{type(datamodule).__name__}: use data=seam (a sdd.datamodules.MultiStreamDataModule)."
-                )
-            self.check_streams(list(streams))
+        super().setup(stage)
         if self._trainer is not None and str(self.trainer.precision).startswith("16"):
             raise ValueError("SEAM does not support fp16 loss scaling: use trainer.precision=bf16-mixed or 32-true.")
 
@@ -234,55 +202,20 @@ class SEAMModule(ManualStepMixin, SFTModule):
                 "train with trainer.precision=bf16-mixed.", sorted(map(str, low)), self.hparams.epsilon,
             )
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     # ------------------------------------------------------------------ losses
-    def cross_entropy(self, batch: dict[str, torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        """``(CE, output)``: the mean cross-entropy over a batch's answer tokens, and the model's output.
-
-        Computed here rather than by transformers, whose loss casts logits to float32: in float64
-        (the finite-difference tests) the whole estimate stays in float64.
-        """
-        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
-        return answer_cross_entropy(output.logits, batch["labels"]), output
-
-    def final_norm(self) -> torch.nn.Module:
-        """The decoder's final normalisation, which the logit lens applies to inner hidden states."""
-        if self._final_norm is None:
-            model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            decoder = model.get_decoder()
-            norm = next((getattr(decoder, n) for n in FINAL_NORM_NAMES if hasattr(decoder, n)), None)
-            if norm is None:
-                raise ValueError(
-                    f"Cannot find the final norm of {type(model).__name__} (looked for {FINAL_NORM_NAMES}) for the "
-                    "layer-wise unlearning loss: set module.unlearn_all_layers=false."
-                )
-            self._final_norm = norm
-        return self._final_norm
-
     def unlearning_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L_ul, CE)``: the unlearning loss on a harmful batch and the cross-entropy it is made of."""
         hp = self.hparams
-        ce, output = self.cross_entropy(batch, output_hidden_states=hp.unlearn_all_layers)
+        ce, output = model_cross_entropy(self.model, batch, output_hidden_states=hp.unlearn_all_layers)
         if hp.unlearn_all_layers:
-            labels = batch["labels"][:, 1:]
-            answer = labels != IGNORE_INDEX
-            targets = labels[answer]
-            head, norm = self.model.get_output_embeddings(), self.final_norm()
-            # hidden_states[-1] is already normalised and gives output.logits: it is `ce` itself.
-            exits = [ce] + [
-                F.cross_entropy(_upcast(head(norm(hidden[:, :-1][answer]))), targets)
-                for hidden in output.hidden_states[:-1]
-            ]
-            ce = torch.stack(exits).mean()
+            ce, _ = logit_lens_cross_entropy(self.model, output, batch["labels"])
         loss = -ce if hp.unlearn_loss == "neg_ce" else -torch.log1p(ce)
         return loss, ce
 
     # ------------------------------------------------------------------ the similarity gradient
     def stream_gradient(self, batch: dict[str, torch.Tensor], params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Gradients]:
         """``(CE, ∇_θ CE)`` on a batch, by ``autograd.grad`` (no DDP hooks, ``.grad`` untouched)."""
-        loss, _ = self.cross_entropy(batch)
+        loss = self.cross_entropy(batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         return loss.detach(), list(grads)
 
@@ -341,10 +274,9 @@ class SEAMModule(ManualStepMixin, SFTModule):
 
         device = params[0].device
         buffer = torch.device("cpu") if self.hparams.offload_buffers else None
-        saved = [p.detach().to(buffer or p.device, copy=True) for p in params]
         # (stream batch, its seed, its gradient and norm, the other gradient and norm)
         passes = ((benign, seed_b, g_b, norm_b, g_a, norm_a), (harmful, seed_a, g_a, norm_a, g_b, norm_b))
-        try:
+        with restored(params, buffer) as reset:
             for batch, seed, g_self, norm_self, g_other, norm_other in passes:
                 with torch.no_grad():  # θ += ε (ḡ_other - c ḡ_self)
                     for p, mine, other in zip(params, g_self, g_other):
@@ -352,27 +284,21 @@ class SEAMModule(ManualStepMixin, SFTModule):
                         p.add_(direction.to(p.dtype), alpha=epsilon)
                 with replayed_randomness(seed, device):
                     _, g_perturbed = self.stream_gradient(batch, params)
+                reset()
                 with torch.no_grad():
-                    for p, value in zip(params, saved):
-                        p.copy_(value)
                     factor = scale / (epsilon * norm_self)
                     for acc, new, old in zip(out, g_perturbed, g_self):
                         acc.add_((new - old.to(new.device)).to(acc.dtype), alpha=factor)
                 del g_perturbed
-        finally:
-            with torch.no_grad():
-                for p, value in zip(params, saved):
-                    p.copy_(value)
         return out, stats
 
     # ------------------------------------------------------------------ the step
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """The utility cross-entropy on the alignment stream."""
-        return self.cross_entropy(batch[self.hparams.alignment_stream])[0]
+        return self.cross_entropy(batch[self.hparams.alignment_stream])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        self.check_streams(list(batch))
         optimizer = self.optimizers()
         params = self.trainable_parameters()
         optimizer.zero_grad()
@@ -383,7 +309,7 @@ class SEAMModule(ManualStepMixin, SFTModule):
             losses["unlearn_loss"], losses["unlearn_ce"] = self.unlearning_loss(batch[hp.unlearn_stream])
             objective = hp.unlearn_weight * losses["unlearn_loss"]
         if hp.alpha > 0:
-            losses["utility_loss"], _ = self.cross_entropy(batch[hp.alignment_stream])
+            losses["utility_loss"] = self.cross_entropy(batch[hp.alignment_stream])
             objective = hp.alpha * losses["utility_loss"] + (0 if objective is None else objective)
         if objective is not None:
             self.manual_backward(objective)
@@ -405,15 +331,10 @@ class SEAMModule(ManualStepMixin, SFTModule):
 
         cosine = stats.pop("grad_cosine")
         total = hp.beta * cosine + (0.0 if objective is None else objective.item())
-        batch_size = harmful["input_ids"].shape[0]
-        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
-        self.log("train/grad_cosine", cosine, prog_bar=True, batch_size=batch_size)
-        self.log("train/similarity_loss", hp.beta * cosine, batch_size=batch_size)
-        for name, value in {**losses, **stats}.items():
-            self.log(f"train/{name}", value, batch_size=batch_size)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
+        metrics = {"loss": total, "grad_cosine": cosine, "similarity_loss": hp.beta * cosine, **losses, **stats}
+        self.log_metrics("train", metrics, batch_size=harmful["input_ids"].shape[0], prog_bar=("loss", "grad_cosine"))
         return torch.tensor(total)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         for name, stream in batch.items():
-            self.log(f"val/{name}_ce", self.cross_entropy(stream)[0], batch_size=stream["input_ids"].shape[0])
+            self.log_metrics("val", {f"{name}_ce": self.cross_entropy(stream)}, batch_size=stream["input_ids"].shape[0])

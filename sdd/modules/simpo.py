@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from sdd.backbones import Backbone
-from sdd.modules.common import answer_logprobs
+from sdd.chat import IGNORE_INDEX
+from sdd.modules.ops import answer_logprobs
 from sdd.modules.sft import SFTModule
 
 
@@ -53,6 +54,9 @@ class SimPOModule(SFTModule):
         Others as :class:`SFTModule`.
     """
 
+    streams = ("chosen", "rejected")
+    data_config = "simpo"
+
     def __init__(
         self,
         backbone: Backbone,
@@ -65,23 +69,16 @@ class SimPOModule(SFTModule):
         super().__init__(backbone, optimizer, scheduler, **kwargs)
         if beta <= 0:
             raise ValueError(f"module.beta must be positive (the paper uses 2.0-2.5), got {beta}.")
-        self.beta = float(beta)
-        self.gamma = float(gamma)
 
     def average_logprobs(self, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Length-normalised log-likelihood of the chosen and of the rejected answers, one pass."""
-        if "chosen" not in batch or "rejected" not in batch:
-            raise KeyError(
-                "SimPO needs preference batches {'chosen': ..., 'rejected': ...}: use data=simpo "
-                "(sdd.datamodules.PreferenceDataModule)."
-            )
         chosen, rejected = batch["chosen"], batch["rejected"]
         width = max(chosen["input_ids"].shape[1], rejected["input_ids"].shape[1])
 
         def padded(key: str, value: int) -> torch.Tensor:
             return torch.cat([F.pad(side[key], (0, width - side[key].shape[1]), value=value) for side in (chosen, rejected)])
 
-        labels = padded("labels", -100)
+        labels = padded("labels", IGNORE_INDEX)
         logits = self.model(
             input_ids=padded("input_ids", 0), attention_mask=padded("attention_mask", 0), use_cache=False
         ).logits
@@ -96,27 +93,24 @@ class SimPOModule(SFTModule):
 
     def _loss_and_metrics(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen_logps, rejected_logps = self.average_logprobs(batch)
-        losses, margins = simpo_loss(chosen_logps, rejected_logps, self.beta, self.gamma)
+        hp = self.hparams
+        losses, margins = simpo_loss(chosen_logps, rejected_logps, hp.beta, hp.gamma)
         metrics = {
             "reward_margin": margins.detach().mean(),
             "reward_accuracy": (margins.detach() > 0).float().mean(),
-            "reward_chosen": self.beta * chosen_logps.detach().mean(),
-            "reward_rejected": self.beta * rejected_logps.detach().mean(),
+            "reward_chosen": hp.beta * chosen_logps.detach().mean(),
+            "reward_rejected": hp.beta * rejected_logps.detach().mean(),
         }
         return losses.mean(), metrics
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         loss, metrics = self._loss_and_metrics(batch)
-        batch_size = batch["chosen"]["input_ids"].shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size)
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "reward_accuracy", batch_size=batch_size)
+        self.log_metrics(stage, {"loss": loss, **metrics}, batch_size=batch["chosen"]["input_ids"].shape[0],
+                         prog_bar=("loss", "reward_accuracy"))
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train")
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
-        return loss
+        return self._shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")

@@ -56,7 +56,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdd.backbones import Backbone
-from sdd.modules.common import FrozenReference, ManualStepMixin, masked_mean
+from sdd.chat import IGNORE_INDEX
+from sdd.modules.common import FrozenReference, ManualStepMixin
+from sdd.modules.ops import masked_mean, model_cross_entropy, restored
 from sdd.modules.sft import SFTModule
 
 TR_LOSSES = ("max_entropy", "neg_ce")
@@ -97,6 +99,8 @@ class TARModule(ManualStepMixin, SFTModule):
     """
 
     supports_deepspeed = False  # the inner loop rewrites whole parameters
+    streams = ("harmful", "retain")
+    data_config = "tar"
 
     def __init__(
         self,
@@ -142,29 +146,23 @@ class TARModule(ManualStepMixin, SFTModule):
         if self.hparams.representation_weight > 0 and self.reference is None:
             self.reference = FrozenReference(self)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     # ------------------------------------------------------------------ losses
     def tamper_resistance_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """L_TR on the held-out harmful batch at the current weights."""
         if self.hparams.tr_loss == "neg_ce":
-            return -super().forward(batch)
+            return -self.cross_entropy(batch)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
-        return -masked_mean(entropy, batch["labels"][:, 1:] != -100)
+        return -masked_mean(entropy, batch["labels"][:, 1:] != IGNORE_INDEX)
 
     def retain_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Cross-entropy on benign data plus the hidden-state distance to the initial model."""
         hp = self.hparams
         use_representations = hp.representation_weight > 0
-        output = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-            output_hidden_states=use_representations, use_cache=False,
-        )
-        losses = {"retain_ce": output.loss}
-        total = hp.retain_weight * output.loss
+        retain_ce, output = model_cross_entropy(self.model, batch, output_hidden_states=use_representations)
+        losses = {"retain_ce": retain_ce}
+        total = hp.retain_weight * retain_ce
         if use_representations:
             with torch.no_grad(), self.reference.active() as reference:
                 initial = reference(
@@ -213,7 +211,6 @@ class TARModule(ManualStepMixin, SFTModule):
         params = self.trainable_parameters()
         weights = self.evaluation_weights()
         lr = self._rng.choice(self.attack_lrs) if attack_lr is None else attack_lr
-        saved = [p.detach().clone() for p in params]
         total = [torch.zeros_like(p) for p in params]
         tr_losses, attack_losses, weighted = [], [], 0.0
 
@@ -229,23 +226,22 @@ class TARModule(ManualStepMixin, SFTModule):
 
         attack = ATTACK_OPTIMIZERS[hp.attack_optimizer](params, lr=lr)
         try:
-            if 0 in weights:
-                accumulate(0)
-            for step in range(1, hp.inner_steps + 1):
-                loss = super().forward(attack_batches[(step - 1) % len(attack_batches)])
-                # autograd.grad, not backward: no DDP gradient hooks, no Lightning precision plugin.
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for p, grad in zip(params, grads):
-                    p.grad = grad
-                attack.step()
-                attack_losses.append(loss.item())
-                if step in weights:
-                    accumulate(step)
+            with restored(params):
+                if 0 in weights:
+                    accumulate(0)
+                for step in range(1, hp.inner_steps + 1):
+                    loss = self.cross_entropy(attack_batches[(step - 1) % len(attack_batches)])
+                    # autograd.grad, not backward: no DDP gradient hooks, no Lightning precision plugin.
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    for p, grad in zip(params, grads):
+                        p.grad = grad
+                    attack.step()
+                    attack_losses.append(loss.item())
+                    if step in weights:
+                        accumulate(step)
         finally:
-            with torch.no_grad():
-                for p, value in zip(params, saved):
-                    p.copy_(value)
-                    p.grad = None
+            for p in params:
+                p.grad = None
             del attack
         diagnostics = {"tr_loss": sum(tr_losses) / len(tr_losses), "tr_objective": weighted, "attack_lr": lr}
         if attack_losses:
@@ -258,11 +254,6 @@ class TARModule(ManualStepMixin, SFTModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        if hp.harmful_stream not in batch or hp.retain_stream not in batch:
-            raise KeyError(
-                f"TAR needs batches with streams '{hp.harmful_stream}' and '{hp.retain_stream}', got {sorted(batch)}: "
-                "use data=tar, or set module.harmful_stream / module.retain_stream."
-            )
         optimizer = self.optimizers()
         held_out, attacks = self.split_harmful(batch[hp.harmful_stream])
         tr_gradient, diagnostics = self.tamper_resistance_gradient(attacks, held_out)
@@ -278,16 +269,13 @@ class TARModule(ManualStepMixin, SFTModule):
             p.grad.add_(grad, alpha=hp.tr_weight)
         self.clip_and_step(optimizer)
 
-        batch_size = batch[hp.retain_stream]["input_ids"].shape[0]
         # The objective whose first-order gradient was applied: retain loss + λ_TR Σ_k w_k L_TR(θ_k).
-        self.log("train/loss", losses["retain_loss"] + hp.tr_weight * diagnostics["tr_objective"], prog_bar=True,
-                 batch_size=batch_size)
-        for name, value in {**losses, **diagnostics}.items():
-            self.log(f"train/{name}", value, batch_size=batch_size)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
+        objective = losses["retain_loss"] + hp.tr_weight * diagnostics["tr_objective"]
+        self.log_metrics("train", {"loss": objective, **losses, **diagnostics},
+                         batch_size=batch[hp.retain_stream]["input_ids"].shape[0])
         return losses["retain_loss"].detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch[self.hparams.retain_stream]["input_ids"].shape[0])
+        self.log_metrics("val", {"loss": loss}, batch_size=batch[self.hparams.retain_stream]["input_ids"].shape[0])
         return loss

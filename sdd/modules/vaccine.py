@@ -53,71 +53,22 @@ Interpretation and choices:
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from sdd.backbones import Backbone
+from sdd.modules.ops import (
+    decoder_layers,
+    differentiable_embeddings,
+    forward_hooks,
+    global_norm,
+    main_output,
+    replace_main_output,
+)
 from sdd.modules.sft import SFTModule
 
 TARGETS = ("layer", "attention")
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The list of transformer blocks of a causal LM (plain or wrapped by peft)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    names = ("num_hidden_layers", "num_layers", "n_layer")
-    count = next((getattr(config, k) for k in names if hasattr(config, k)), None)
-    for module in base.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
-    raise ValueError(
-        f"Cannot find the {count} decoder layers of {type(base).__name__} (no ModuleList of that length); "
-        "this defense needs a transformer whose blocks are held in one ModuleList."
-    )
-
-
-def main_output(output: Any) -> torch.Tensor:
-    """The hidden states of a block's output (a tensor, or the first item of a tuple)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def replace_main_output(output: Any, hidden: torch.Tensor) -> Any:
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-@contextlib.contextmanager
-def forward_hooks(modules: Mapping[int, torch.nn.Module], make_hook: Callable[[int], Callable]) -> Iterator[list]:
-    """Register ``make_hook(i)`` as a forward hook of each ``modules[i]``; removed on exit."""
-    handles = [module.register_forward_hook(make_hook(i)) for i, module in modules.items()]
-    try:
-        yield handles
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def differentiable_embeddings(model: torch.nn.Module) -> Iterator[None]:
-    """Make the input embeddings require grad, so hidden-state gradients exist even when the
-    embedding layer and the lowest blocks are frozen (LoRA, T-Vaccine)."""
-
-    def hook(module, args, output):
-        return output if output.requires_grad else output.detach().requires_grad_(True)
-
-    handle = model.get_input_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """‖(t_1, ..., t_n)‖_2, in float32."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
 
 
 # ---------------------------------------------------------------------------------------- Vaccine
@@ -133,6 +84,8 @@ class VaccineModule(SFTModule):
     """
 
     supports_deepspeed = False  # the first pass takes activation gradients outside the engine
+    streams = ("alignment",)
+    data_config = "vaccine"
 
     def __init__(
         self,
@@ -185,7 +138,7 @@ class VaccineModule(SFTModule):
             return hook
 
         with differentiable_embeddings(self.model), forward_hooks({i: sites[i] for i in layers}, capture):
-            loss = SFTModule.forward(self, batch)
+            loss = self.cross_entropy(batch)
         grads = torch.autograd.grad(loss, [captured[i] for i in layers], allow_unused=True)
         return loss.detach(), {
             i: (g if g is not None else torch.zeros_like(captured[i])).detach() for i, g in zip(layers, grads)
@@ -223,23 +176,16 @@ class VaccineModule(SFTModule):
         perturbations = self.perturbations(gradients)
         self.last_perturbation = perturbations
         self.add_perturbations(perturbations)
-        loss = SFTModule.forward(self, batch[self.hparams.alignment_stream])
+        loss = self.cross_entropy(batch[self.hparams.alignment_stream])
         return {"loss": loss, "clean_loss": clean_loss, "hidden_grad_norm": global_norm(list(gradients.values()))}
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """The unperturbed alignment loss (validation)."""
-        return SFTModule.forward(self, batch[self.hparams.alignment_stream])
+        return self.cross_entropy(batch[self.hparams.alignment_stream])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.hparams.alignment_stream not in batch:
-            raise KeyError(f"{type(self).__name__} needs batches with a '{self.hparams.alignment_stream}' stream, got "
-                           f"{sorted(batch)}: use the defense's data config, or set module.alignment_stream.")
         out = self.perturbed_loss(batch)
-        size = batch[self.hparams.alignment_stream]["input_ids"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
-        self.log("train/clean_loss", out["clean_loss"], batch_size=size)
-        self.log("train/hidden_grad_norm", out["hidden_grad_norm"], batch_size=size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        self.log_metrics("train", out, batch_size=batch[self.hparams.alignment_stream]["input_ids"].shape[0])
         return out["loss"]
 
     def on_after_backward(self) -> None:
@@ -251,7 +197,7 @@ class VaccineModule(SFTModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch[self.hparams.alignment_stream]["input_ids"].shape[0])
+        self.log_metrics("val", {"loss": loss}, batch_size=batch[self.hparams.alignment_stream]["input_ids"].shape[0])
         return loss
 
 
@@ -268,6 +214,9 @@ class TVaccineModule(VaccineModule):
         seed: the layer draws.
         Others as :class:`VaccineModule`.
     """
+
+    streams = ("alignment", "harmful")
+    data_config = "t_vaccine"
 
     def __init__(
         self,
@@ -328,13 +277,11 @@ class TVaccineModule(VaccineModule):
         # Once per optimizer step (not per accumulated micro-batch), and after a resume.
         if self.layer_probabilities is None or (step % hp.probability_every == 0 and step != self._probed_at):
             self._probed_at = step
-            if hp.harmful_stream not in batch:
-                raise KeyError(f"T-Vaccine needs batches with a '{hp.harmful_stream}' stream, got {sorted(batch)}: "
-                               "use data=t_vaccine, or set module.harmful_stream.")
             self.layer_probabilities = self.probe_probabilities(batch[hp.harmful_stream])
             if self._trainer is not None:
-                for i, p in enumerate(self.layer_probabilities.tolist()):
-                    self.log(f"train/layer_probability/{i}", p, batch_size=1)
+                probabilities = dict(enumerate(self.layer_probabilities.tolist()))
+                self.log_metrics("train", {f"layer_probability/{i}": p for i, p in probabilities.items()}, 1,
+                                 learning_rate=False)
         if self.selected_layers is None or (step % hp.resample_every == 0 and step != self._drawn_at):
             self._drawn_at = step
             self.selected_layers = self.draw_layers(self.layer_probabilities)
