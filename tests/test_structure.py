@@ -75,3 +75,17 @@ def test_shared_operations_are_defined_once():
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in SHARED_OPERATIONS:
                 definitions.setdefault(node.name, []).append(str(path.relative_to(SDD.parent)))
     assert definitions == {name: [home] for name, home in SHARED_OPERATIONS.items()}
+
+
+@pytest.mark.parametrize("defense", sorted(p.stem for p in (SDD.parent / "conf" / "defense").glob("*.yaml")))
+def test_every_defense_config_provides_the_streams_its_module_reads(defense, tmp_path):
+    from hydra.utils import instantiate
+
+    from conftest import compose_config
+    from sdd.datamodules.streams import batch_streams
+
+    cfg = compose_config("train", [f"defense={defense}"], output_dir=tmp_path, cache_dir=tmp_path / "cache")
+    module = instantiate(cfg.module, backbone=None)  # the model is loaded later, in configure_model
+    module.check_streams(batch_streams(instantiate(cfg.data)))
+    if module.streams:  # the data config the module names exists
+        assert (SDD.parent / "conf" / "data" / f"{module.data_config}.yaml").exists()

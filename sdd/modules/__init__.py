@@ -1,4 +1,9 @@
-"""LightningModules: the SFT objective (SDD, SDD_reject, safety alignment, attacks), SEAM and the baseline defenses."""
+"""LightningModules: the SFT objective (SDD, SDD_reject, safety alignment, attacks), SEAM and the baseline defenses.
+
+:class:`SFTModule` is also the base class and contract of every defense (:mod:`sdd.modules.sft`); the
+operations on models they share are in :mod:`sdd.modules.ops`, the LightningModule pieces in
+:mod:`sdd.modules.common`.
+"""
 
 from sdd.modules.booster import BoosterModule
 from sdd.modules.deepalign import DeepAlignModule
