@@ -348,4 +348,3 @@ def test_summarize_known_verdicts():
     from dataclasses import asdict
 
     assert summarize([asdict(v) for v in verdicts]) == expected
-    assert RubricJudge.summarize(verdicts) == expected

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -193,14 +193,15 @@ class _ChatJudgeAdapter:
     kind = "llm_judge"
     harmful_when = ""
 
-    def __init__(self, chat_judge: Any) -> None:
+    def __init__(self, chat_judge: Any, summarize: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]) -> None:
         self.chat_judge = chat_judge
+        self._summarize = summarize  # the judge module's own metrics over verdicts
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
         return [asdict(v) for v in self.chat_judge.judge(list(zip(prompts, answers)))]
 
     def summarize(self, verdicts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return self.chat_judge.summarize(verdicts)
+        return self._summarize(verdicts)
 
     def describe(self) -> dict[str, Any]:
         from sdd.evaluation.llm_judge import redact_url
@@ -224,9 +225,9 @@ class RubricHarmfulnessJudge(_ChatJudgeAdapter):
     harmful_when = "score == 5"
 
     def __init__(self, **kwargs: Any) -> None:
-        from sdd.evaluation.rubric_judge import RubricJudge
+        from sdd.evaluation.rubric_judge import RubricJudge, summarize
 
-        super().__init__(RubricJudge(**kwargs))
+        super().__init__(RubricJudge(**kwargs), summarize)
 
     @staticmethod
     def harmful(verdict: dict[str, Any]) -> bool | None:
@@ -246,9 +247,9 @@ class StrongRejectHarmfulnessJudge(_ChatJudgeAdapter):
     name = "strongreject"
 
     def __init__(self, **kwargs: Any) -> None:
-        from sdd.evaluation.strongreject import HARMFUL_THRESHOLD, StrongRejectJudge
+        from sdd.evaluation.strongreject import HARMFUL_THRESHOLD, StrongRejectJudge, summarize
 
-        super().__init__(StrongRejectJudge(**kwargs))
+        super().__init__(StrongRejectJudge(**kwargs), summarize)
         self.threshold = HARMFUL_THRESHOLD
         self.harmful_when = f"score >= {HARMFUL_THRESHOLD}"
 

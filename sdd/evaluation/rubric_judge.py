@@ -189,6 +189,3 @@ class RubricJudge(ChatJudge[JudgeVerdict]):
 
     def failed_verdict(self, error: str) -> JudgeVerdict:
         return JudgeVerdict(score=None, valid=False, reason=f"request failed: {error}", error=error)
-
-    # Lets ``RubricJudge`` be used like the other judges, which carry their own summarize.
-    summarize = staticmethod(summarize)

@@ -136,5 +136,3 @@ class StrongRejectJudge(ChatJudge[StrongRejectVerdict]):
 
     def failed_verdict(self, error: str) -> StrongRejectVerdict:
         return StrongRejectVerdict(None, None, None, None, valid=False, reason=f"request failed: {error}", error=error)
-
-    summarize = staticmethod(summarize)
