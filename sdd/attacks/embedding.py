@@ -194,8 +194,8 @@ def embedding_attack_answers(generator, rows: Sequence[dict[str, Any]], spec: Ma
                                                    batch_size=batch_size, progress=progress)
     for row, ids in zip(answered, token_ids):
         row["answer"] = decode_answer(tokenizer, ids, stops)
-    mean = lambda key: sum(r[key] for r in answered) / len(answered)  # noqa: E731
-    return answered, {"target_loss": {"before": mean("target_loss_before"), "after": mean("target_loss_after"),
+    before, after = (sum(r[key] for r in answered) / len(answered) for key in ("target_loss_before", "target_loss_after"))
+    return answered, {"target_loss": {"before": before, "after": after,
                                       "what": "mean cross-entropy per target token, averaged over prompts"}}
 
 

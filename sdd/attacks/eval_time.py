@@ -86,7 +86,8 @@ def answer_under_attack(spec: Mapping[str, Any], rows: Sequence[dict[str, Any]],
         The answered rows (copies with ``answer``; the attack's own fields) and what the variant adds to
         its results (counts of skipped prompts, target losses).
     """
-    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt, progress=progress)
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system_prompt": system_prompt,
+                "progress": progress}
     if spec["kind"] == "prefilling":
         from sdd.attacks.prefilling import prefill_answers
 

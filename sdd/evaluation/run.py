@@ -74,7 +74,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "generation": generator.describe(),  # what produced every answer
     }
     if cfg.eval.harmfulness.enabled:
-        attack_rows = load_prompt_sets(cfg.eval.harmfulness.prompt_sets, cfg.eval.harmfulness.max_prompts_per_set)
+        attack_rows = load_prompt_sets(cfg.eval.harmfulness.prompt_sets, cfg.eval.harmfulness.max_prompts_per_set,
+                                       attack_columns=bool(attack_variants))
         rows = [{k: v for k, v in row.items() if k not in ATTACK_COLUMNS} for row in attack_rows]
         answers = generate_answers(
             generator, [r["prompt"] for r in rows],
@@ -151,13 +152,22 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def load_prompt_sets(prompt_sets: dict[str, Any], max_per_set: int | None) -> list[dict[str, Any]]:
-    """Harmful prompts from each named source (columns ``prompt`` and optionally ``category``, and the
-    attacks' ``prefill`` and ``target`` where the source maps them: :data:`sdd.attacks.eval_time.ATTACK_COLUMNS`)."""
+def load_prompt_sets(prompt_sets: dict[str, Any], max_per_set: int | None,
+                     attack_columns: bool = False) -> list[dict[str, Any]]:
+    """Harmful prompts from each named source (columns ``prompt`` and optionally ``category``).
+
+    Args:
+        attack_columns: also read the evaluation-time attacks' columns (``prefill``, ``target``:
+            :data:`sdd.attacks.eval_time.ATTACK_COLUMNS`) where the source maps them; without an attack
+            they are not read, so a file without them still evaluates.
+    """
     rows: list[dict[str, Any]] = []
     for set_name, source in (prompt_sets or {}).items():
         if source is None:
             continue
+        if not attack_columns:
+            source = OmegaConf.to_container(source, resolve=True) if isinstance(source, DictConfig) else dict(source)
+            source["columns"] = {k: v for k, v in (source.get("columns") or {}).items() if k not in ATTACK_COLUMNS}
         records = load_records(source, name=f"corpus.eval_prompts.{set_name}", required=["prompt"])
         if max_per_set is not None:
             records = records[:max_per_set]
