@@ -4,10 +4,12 @@
 ``results.json`` (metrics overall and per prompt set and category, and the resolved config),
 ``generations.jsonl`` (harmful prompt, answer, each judge's verdict), ``benign_generations.jsonl``
 (benign prompt, reference, answer, verdicts, reference NLL; see :mod:`sdd.evaluation.benign`) and
-``summary.md``. With evaluation-time attacks (``eval_attacks``, :mod:`sdd.attacks.eval_time`), each variant's
-answers are judged like the plain ones into ``results["harmfulness_under_attack"][<variant>]`` and written
-to ``generations_<variant>.jsonl``; ``results["harmfulness"]`` stays the evaluation without attack. Every answer comes from the backend of ``eval.generation`` (the local model, or an
+``summary.md``. Every answer comes from the backend of ``eval.generation`` (the local model, or an
 OpenAI-compatible server: :mod:`sdd.evaluation.generation`); ``results.json`` says which under ``generation``.
+
+Evaluation-time attacks (``eval_attacks``, :mod:`sdd.attacks.eval_time`): each variant's answers are judged
+like the plain ones into ``results["harmfulness_under_attack"][<variant>]`` and written to
+``generations_<variant>.jsonl``; ``results["harmfulness"]`` stays the evaluation without attack.
 """
 
 from __future__ import annotations
