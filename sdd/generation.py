@@ -76,16 +76,26 @@ def generate_token_ids(
     batch_size: int = 8,
     system_prompt: str | None = None,
     progress: bool = False,
+    answer_prefix_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """The generated token ids of each prompt, up to and including its stop token if it emitted one.
 
-    Same arguments as :func:`generate`, which decodes these ids.
+    Same arguments as :func:`generate`, which decodes these ids, and:
+
+    Args:
+        answer_prefix_ids: per prompt, token ids the assistant turn starts with (prefilled after the
+            generation prompt, e.g. by :mod:`sdd.attacks.prefilling`); decoding continues from them and
+            the returned ids are the continuation only. None (or an empty prefix): the plain prompt.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"Generation needs max_new_tokens >= 1 and batch_size >= 1 (got {max_new_tokens}, "
                          f"{batch_size}); fix the max_new_tokens / batch_size setting of the calling config.")
     conversations = [user_turn(p, system_prompt) if isinstance(p, str) else list(p) for p in prompts]
     prompt_ids = [tokenize_prompt(tokenizer, c) for c in conversations]
+    if answer_prefix_ids is not None:
+        if len(answer_prefix_ids) != len(prompt_ids):
+            raise ValueError(f"{len(answer_prefix_ids)} answer prefixes for {len(prompt_ids)} prompts.")
+        prompt_ids = [ids + [int(token) for token in prefix] for ids, prefix in zip(prompt_ids, answer_prefix_ids)]
     if not prompt_ids:
         return []
     if any(not ids for ids in prompt_ids):
@@ -446,4 +456,67 @@ def _decode_static_batches(model, prompt_ids, order, stops, max_new_tokens, batc
             stop = next((i for i, token in enumerate(new) if token in stops), None)
             answers[index] = new if stop is None else new[: stop + 1]
         bar.update(len(batch))
+    return answers
+
+
+# ---------------------------------------------------------------------------------- from embeddings
+@torch.inference_mode()
+def generate_token_ids_from_embeddings(
+    model,
+    tokenizer,
+    prompt_embeddings: Sequence[torch.Tensor],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Greedy answers to prompts given as input embeddings, e.g. with a soft suffix (:mod:`sdd.attacks.embedding`).
+
+    Such prompts have no token ids, so the continuous decoder (keyed by ids) does not apply: they are decoded
+    in length-sorted, left-padded static batches by ``model.generate(inputs_embeds=...)``, greedy, with the
+    stop tokens of :func:`stop_token_ids`.
+
+    Args:
+        model: a causal LM; put in eval mode for the call, its mode restored after.
+        tokenizer: its tokenizer (for the stop and padding tokens).
+        prompt_embeddings: per prompt, a ``(length, hidden size)`` tensor: the rendered prompt, generation
+            prompt included, as the model's input embeddings.
+        max_new_tokens: the most tokens generated per answer.
+        batch_size: the most prompts decoded together.
+        progress: show a progress bar.
+
+    Returns:
+        The generated token ids of each prompt, in input order, up to and including the first stop token
+        (decode them with :func:`decode_answer`).
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"Generation needs max_new_tokens >= 1 and batch_size >= 1 (got {max_new_tokens}, "
+                         f"{batch_size}); fix the max_new_tokens / batch_size setting of the calling config.")
+    stops = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    parameter = next(model.parameters())
+    order = sorted(range(len(prompt_embeddings)), key=lambda i: -prompt_embeddings[i].shape[0])
+    answers: list[list[int]] = [[] for _ in prompt_embeddings]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="Generating (embeddings)", disable=not progress):
+            batch = order[start : start + batch_size]
+            width = max(prompt_embeddings[i].shape[0] for i in batch)
+            hidden = prompt_embeddings[batch[0]].shape[-1]
+            embeddings = parameter.new_zeros((len(batch), width, hidden))  # padding must be finite
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long, device=parameter.device)
+            for row, index in enumerate(batch):
+                length = prompt_embeddings[index].shape[0]
+                embeddings[row, width - length :] = prompt_embeddings[index].to(embeddings)
+                attention_mask[row, width - length :] = 1
+            output = model.generate(
+                inputs_embeds=embeddings, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id, eos_token_id=stops,
+            )
+            for row, index in enumerate(batch):  # with inputs_embeds alone, generate returns the new tokens only
+                new = output[row].tolist()
+                stop = next((i for i, token in enumerate(new) if token in stops), None)
+                answers[index] = new if stop is None else new[: stop + 1]
+    finally:
+        model.train(was_training)
     return answers

@@ -6,6 +6,10 @@
 (benign prompt, reference, answer, verdicts, reference NLL; see :mod:`sdd.evaluation.benign`) and
 ``summary.md``. Every answer comes from the backend of ``eval.generation`` (the local model, or an
 OpenAI-compatible server: :mod:`sdd.evaluation.generation`); ``results.json`` says which under ``generation``.
+
+Evaluation-time attacks (``eval_attacks``, :mod:`sdd.attacks.eval_time`): each variant's answers are judged
+like the plain ones into ``results["harmfulness_under_attack"][<variant>]`` and written to
+``generations_<variant>.jsonl``; ``results["harmfulness"]`` stays the evaluation without attack.
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ from typing import Any, Sequence
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sdd.attacks.eval_time import (
+    ATTACK_COLUMNS,
+    answer_under_attack,
+    check_backend,
+    expand_variants,
+    refuse_weight_attack,
+)
 from sdd.credentials import scrub_credentials
-from sdd.data.sources import DataSourceError, load_records
+from sdd.data.sources import DataSourceError, is_missing, load_records
 from sdd.evaluation.benign import evaluate_benign
 from sdd.evaluation.benign import summary_lines as benign_summary_lines
 from sdd.evaluation.generation import (
@@ -31,7 +42,7 @@ from sdd.evaluation.generation import (
     generate_answers,
     needs_local_model,
 )
-from sdd.errors import require_device
+from sdd.errors import ConfigError, require_device
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +53,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     require_device(cfg.eval.device, "eval.device")  # before anything loads
+    refuse_weight_attack(cfg)
+    attack_variants = expand_variants(cfg.get("eval_attacks"))
+    if attack_variants and not cfg.eval.harmfulness.enabled:
+        raise ConfigError("eval_attacks attack the harmful prompts, but eval.harmfulness.enabled=false. Fix: "
+                          "eval.harmfulness.enabled=true, or drop the evaluation-time attack.")
     backbone = instantiate(cfg.backbone)
     judges = build_judges(cfg.eval.judges)  # fail fast (missing key, bad labels) before generating
     backend = backend_of(cfg.eval)
+    check_backend(attack_variants, backend)
     tokenizer = backbone.load_tokenizer()
     # The server's generator is built before the weights load: a missing key or a bad setting fails first.
     remote = build_openai_generator(cfg.eval.generation.openai, backbone, tokenizer) if backend == "openai" else None
@@ -59,7 +76,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "generation": generator.describe(),  # what produced every answer
     }
     if cfg.eval.harmfulness.enabled:
-        rows = load_prompt_sets(cfg.eval.harmfulness.prompt_sets, cfg.eval.harmfulness.max_prompts_per_set)
+        attack_rows = load_prompt_sets(cfg.eval.harmfulness.prompt_sets, cfg.eval.harmfulness.max_prompts_per_set,
+                                       attack_columns=bool(attack_variants))
+        rows = [{k: v for k, v in row.items() if k not in ATTACK_COLUMNS} for row in attack_rows]
         answers = generate_answers(
             generator, [r["prompt"] for r in rows],
             max_new_tokens=cfg.eval.harmfulness.max_new_tokens,
@@ -73,6 +92,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         results["harmfulness"] = judge_generations(
             rows, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION))
         _write_jsonl(output_dir / "generations.jsonl", rows)
+        if attack_variants:
+            results["harmfulness_under_attack"] = evaluate_under_attacks(attack_variants, attack_rows, generator,
+                                                                         judges, cfg, output_dir)
     if cfg.eval.get("benign") is not None and cfg.eval.benign.enabled:
         results["benign"] = evaluate_benign(model, tokenizer, cfg.eval.benign, judges, output_dir, cfg.eval.judges,
                                             generator=generator)
@@ -97,6 +119,29 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def evaluate_under_attacks(variants: list[tuple[str, dict[str, Any]]], rows: list[dict[str, Any]], generator,
+                           judges: dict[str, Any], cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Answer and judge the harmful prompts under each evaluation-time attack variant.
+
+    Returns:
+        variant -> :func:`judge_generations`' output, plus ``attack`` (the variant's spec) and what the attack
+        adds (e.g. prompts skipped, target losses); answers in ``generations_<variant>.jsonl``.
+    """
+    settings = cfg.eval.harmfulness
+    results: dict[str, Any] = {}
+    for variant, spec in variants:
+        log.info("Evaluation under attack: %s (%s)", variant, spec["kind"])
+        answered, extra = answer_under_attack(spec, rows, generator, max_new_tokens=settings.max_new_tokens,
+                                              batch_size=settings.batch_size, system_prompt=settings.system_prompt,
+                                              progress=True)
+        path = output_dir / f"generations_{variant}.jsonl"
+        _write_jsonl(path, answered)  # kept even if a judge fails below
+        judged = judge_generations(answered, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION))
+        results[variant] = {**judged, "attack": spec, **extra}
+        _write_jsonl(path, answered)
+    return results
+
+
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
@@ -109,19 +154,31 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def load_prompt_sets(prompt_sets: dict[str, Any], max_per_set: int | None) -> list[dict[str, Any]]:
-    """Harmful prompts from each named source (columns ``prompt`` and optionally ``category``)."""
+def load_prompt_sets(prompt_sets: dict[str, Any], max_per_set: int | None,
+                     attack_columns: bool = False) -> list[dict[str, Any]]:
+    """Harmful prompts from each named source (columns ``prompt`` and optionally ``category``).
+
+    Args:
+        attack_columns: also read the evaluation-time attacks' columns (``prefill``, ``target``:
+            :data:`sdd.attacks.eval_time.ATTACK_COLUMNS`) where the source maps them; without an attack
+            they are not read, so a file without them still evaluates.
+    """
     rows: list[dict[str, Any]] = []
     for set_name, source in (prompt_sets or {}).items():
         if source is None:
             continue
+        if not attack_columns:
+            source = OmegaConf.to_container(source, resolve=True) if isinstance(source, DictConfig) else dict(source)
+            source["columns"] = {k: v for k, v in (source.get("columns") or {}).items() if k not in ATTACK_COLUMNS}
         records = load_records(source, name=f"corpus.eval_prompts.{set_name}", required=["prompt"])
         if max_per_set is not None:
             records = records[:max_per_set]
         for record in records:
             category = record.get("category")
-            rows.append({"prompt_set": set_name, "category": str(category) if category not in (None, "") else None,
-                         "prompt": str(record["prompt"])})
+            row = {"prompt_set": set_name, "category": str(category) if category not in (None, "") else None,
+                   "prompt": str(record["prompt"])}
+            row.update({column: str(record[column]) for column in ATTACK_COLUMNS if not is_missing(record.get(column))})
+            rows.append(row)
     if not rows:
         raise DataSourceError("No harmful prompt to evaluate: eval.harmfulness.prompt_sets is empty.")
     return rows
@@ -234,6 +291,7 @@ def markdown_summary(results: dict[str, Any]) -> str:
         for set_name, m in [("**all**", harm["overall"]), *harm["per_prompt_set"].items()]:
             lines.append(f"| {set_name} | {m['num_prompts']} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
         lines.append("")
+    lines += _under_attack_lines(results.get("harmfulness_under_attack"))
     lines += benign_summary_lines(results.get("benign"))
     capability = results.get("capability")
     if capability:
@@ -244,6 +302,19 @@ def markdown_summary(results: dict[str, Any]) -> str:
         lines.append("")
     lines.append(f"Wall time: {results['seconds']} s")
     return "\n".join(lines) + "\n"
+
+
+def _under_attack_lines(under_attack: dict[str, Any] | None) -> list[str]:
+    if not under_attack:
+        return []
+    keys = list(dict.fromkeys(k for v in under_attack.values() for k in v["overall"] if k != "num_prompts"))
+    lines = ["## Harmfulness under evaluation-time attacks", "", "| attack | kind | n | " + " | ".join(keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for variant, result in under_attack.items():
+        m = result["overall"]
+        lines.append(f"| {variant} | {result['attack']['kind']} | {m['num_prompts']} | "
+                     + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
+    return lines + [""]
 
 
 def _fmt(value: Any) -> str:
