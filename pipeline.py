@@ -6,6 +6,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from sdd import conf_options  # noqa: F401  registers ${sdd.options:<group>} before Hydra builds the sweeper
 from sdd.cli import user_errors
 
 

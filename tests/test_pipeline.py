@@ -10,6 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from sdd.conf_options import sweep_params
 from sdd.pipeline import NONE, STAGE_RECORD, StagePlanner, hydra_context, override_value, run_pipeline
 
 from conftest import CONF_DIR, compose_config
@@ -49,8 +50,8 @@ def test_pipeline_and_training_experiments_are_told_apart():
 def test_every_point_of_every_experiment_composes_into_valid_stages(experiment, tmp_path, monkeypatch):
     cfg = compose_config("pipeline", [f"experiment={experiment}"], log_dir=tmp_path, cache_dir=tmp_path / "cache",
                          output_dir=tmp_path / "run")
-    params = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())["hydra"]["sweeper"]["params"]
-    sweep = {key: sweep_values(str(value)) for key, value in params.items()}
+    params = sweep_params(experiment)  # ${sdd.options:<group>} expanded, as Hydra's sweeper sees it
+    sweep = {key: sweep_values(value) for key, value in params.items()}
     for value in sweep.get("point.defense", []):
         assert value == NONE or value in options("defense"), f"{experiment}: unknown defense {value}"
     for value in sweep.get("point.attack", []):
@@ -176,7 +177,7 @@ def test_the_whole_tiny_matrix_sweep_and_its_report(tmp_path):
                             text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = next((tmp_path / "logs" / "tiny_matrix" / "multiruns").iterdir())
-    params = yaml.safe_load((CONF_DIR / "experiment" / "tiny_matrix.yaml").read_text())["hydra"]["sweeper"]["params"]
+    params = sweep_params("tiny_matrix")
     expected = len(sweep_values(params["point.defense"])) * len(sweep_values(params["point.attack"]))
     report = subprocess.run([sys.executable, "report.py", str(sweep_dir)], cwd=root, capture_output=True, text=True,
                             timeout=600)

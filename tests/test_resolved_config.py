@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import CONF_DIR, compose_config
+from sdd.conf_options import sweep_params
 
 ADAMW, SGD = "torch.optim.AdamW", "torch.optim.SGD"
 CONSTANT, COSINE = "constant_with_warmup", "cosine"
@@ -104,7 +105,7 @@ PIPELINE = {
         "scale": "cpu_demo",
         "defense": {d: {**row, **TINY_DEFENSE, **({"examples": TINY_EXAMPLES[d]} if d in TINY_EXAMPLES else {})}
                     for d, row in DEFENSES.items()},
-        "attack": {a: {**ATTACKS[a], **TINY_ATTACK} for a in ("mft_advbench", "mft_advbench_lora", "bft_sharegpt")},
+        "attack": {a: {**recipe, **TINY_ATTACK} for a, recipe in ATTACKS.items()},  # every attack: it discovers them
         "capability": {"mmlu"},
     },
     "quickstart": {  # SDD as train.py trains it; a short MFT: 48 prompts, batch 8, 128 tokens, 2 epochs
@@ -253,7 +254,7 @@ def test_a_k_shot_sweep_keeps_the_attacks_epochs(shots, tmp_path):
 # ---------------------------------------------------------------------------------------------- pipeline.py
 def sweep_points(experiment: str) -> list[dict[str, str]]:
     """Every value of every sweep parameter, the others at their first value."""
-    params = experiment_file(experiment)["hydra"]["sweeper"]["params"]
+    params = sweep_params(experiment)  # ${sdd.options:<group>} expanded, as Hydra's sweeper sees it
     sweep = {}
     for key, text in params.items():
         text = str(text)

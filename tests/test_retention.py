@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from conftest import compose_config
 from sdd.chat import IGNORE_INDEX, tokenize_conversation, tokenize_prompt, user_turn
 from sdd.data.sources import DataSourceError, load_records
-from sdd.datamodules import SDD_REJECT_PREFIX, InstructionAnswerDataModule, SDDDataModule
+from sdd.datamodules import InstructionAnswerDataModule, SDDDataModule
 from sdd.datamodules.retention import RetentionStream, draw_indices, retention_count
 from sdd.training import train
 
@@ -26,6 +26,8 @@ DEMO_REFUSALS = {"name": "corpus.refusals", "path": "demo:harmful_instructions.j
                  "columns": {"instruction": "instruction", "answer": "refusal"}}
 MISSING_SOURCE = {"name": "corpus.benign", "path": "/nonexistent/benign.jsonl",
                   "columns": {"instruction": "instruction", "answer": "answer"}}
+# SDD_reject's refusal statement, as its config runs it (conf/data/sdd_reject.yaml: data.answer_prefix).
+SDD_REJECT_PREFIX = compose_config("train", ["defense=sdd_reject"]).data.answer_prefix
 MAX_LENGTH = 2048  # nothing is truncated: every example keeps its whole answer
 
 

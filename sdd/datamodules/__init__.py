@@ -8,7 +8,7 @@ from sdd.datamodules.conversations import (
 )
 from sdd.datamodules.preference import PreferenceDataModule
 from sdd.datamodules.safety_recovery import SafetyRecoveryDataModule
-from sdd.datamodules.sdd import SDD_REJECT_PREFIX, SDDDataModule
+from sdd.datamodules.sdd import SDDDataModule
 from sdd.datamodules.sdd_pairs import IrrelevantAnswerMatcher, SDDPairBuilder
 from sdd.datamodules.streams import MultiStreamDataModule
 
@@ -23,5 +23,4 @@ __all__ = [
     "SafetyRecoveryDataModule",
     "SDDDataModule",
     "SDDPairBuilder",
-    "SDD_REJECT_PREFIX",
 ]

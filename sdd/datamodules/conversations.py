@@ -1,13 +1,15 @@
 """The LightningDataModule shared by every supervised data set: conversations -> masked token batches.
 
-Subclasses say only where conversations come from (:meth:`ConversationDataModule.build_conversations`);
-formatting and masking go through :mod:`sdd.chat`, so defense and attack data are tokenized alike.
+Subclasses say only where records come from and how one becomes an example
+(:meth:`ConversationDataModule.build_records`, :meth:`~ConversationDataModule.to_example`); the setup
+(subset, retention, drops, split, statistics) is shared. Formatting and masking go through
+:mod:`sdd.chat`, so defense and attack data are tokenized alike.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -18,6 +20,16 @@ from sdd.data.sources import DataSource, DataSourceError, load_records
 from sdd.datamodules.retention import RetentionStream, retention_stream
 
 log = logging.getLogger(__name__)
+
+
+def answer_token_count(example: TokenizedExample) -> int:
+    """Tokens of ``example`` that carry a label (the answer tokens when the prompt is masked)."""
+    return sum(label != IGNORE_INDEX for label in example.labels)
+
+
+def has_answer_token(example: TokenizedExample) -> bool:
+    """Whether any token of ``example`` carries a label."""
+    return any(label != IGNORE_INDEX for label in example.labels)
 
 
 class TokenizedDataset(Dataset):
@@ -34,17 +46,29 @@ class TokenizedDataset(Dataset):
 class ConversationDataModule(L.LightningDataModule):
     """Supervised fine-tuning data: conversations, loss on assistant tokens only.
 
+    :meth:`setup` is the one setup of every data module (a template method): the records
+    (:meth:`build_records`), a seeded subset of ``num_examples``, the retention stream mixed in, each
+    record made an example (:meth:`to_example`), examples with nothing to train on dropped
+    (:meth:`is_trainable`), a seeded validation split (:meth:`make_dataset`) and the statistics
+    (:meth:`drop_stats`, :meth:`content_stats`). A subclass supplies how a record becomes an example
+    and, where a batch is not a padded token batch, the collate function (:meth:`collate_fn`).
+
     Args:
         batch_size: examples per optimizer micro-step.
         max_length: tokens per example; longer ones are cut on the right.
-        num_examples: keep a seeded random subset of this many conversations (null: all); the k of
+        num_examples: keep a seeded random subset of this many records (null: all); the k of
             k-shot attacks.
-        val_fraction: share of conversations held out for ``val/loss``.
+        val_fraction: share of examples held out for ``val/loss``.
         system_prompt: a system message put before every conversation that has none.
         mask_prompt: loss on assistant tokens only (True) or on every token.
         num_workers: DataLoader workers.
-        seed: shuffling and the validation split.
+        seed: the subset, shuffling and the validation split.
     """
+
+    # What one record is, in the statistics (the key counting them) and in messages.
+    record_noun = "conversations"
+    # Why an example is dropped (followed by "max_length=<n>").
+    drop_reason = "no answer token left within"
 
     def __init__(
         self,
@@ -69,8 +93,8 @@ class ConversationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.tokenizer = None
-        self.train_set: TokenizedDataset | None = None
-        self.val_set: TokenizedDataset | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
         self.stats: dict[str, Any] = {}
         # Benign retention examples mixed in after the num_examples subset (set by subclasses that offer it).
         self.retention: RetentionStream | None = None
@@ -88,77 +112,103 @@ class ConversationDataModule(L.LightningDataModule):
         if max_length is not None:
             self.max_length = max_length
 
+    # --- What a subclass supplies -------------------------------------------------------------------
+
     def build_conversations(self) -> list[Conversation]:
+        """The conversations of a conversation data set (built once and cached by the subclass)."""
         raise NotImplementedError
+
+    def build_records(self) -> list[Any]:
+        """All records, in source order, before the ``num_examples`` subset (default: the conversations)."""
+        return self.build_conversations()
+
+    def to_example(self, record: Any) -> Any:
+        """One record (or retention conversation) as a training example (default: a masked conversation)."""
+        if self.system_prompt and record[0]["role"] != "system":
+            record = [{"role": "system", "content": self.system_prompt}, *record]
+        return tokenize_conversation(self.tokenizer, record, self.max_length, self.mask_prompt)
+
+    def is_trainable(self, example: Any) -> bool:
+        """Whether an example keeps something to train on (default: an answer token within max_length)."""
+        return has_answer_token(example)
+
+    def drop_stats(self, made: Sequence[Any], dropped: int) -> dict[str, Any]:
+        """Statistics of making the examples: ``made`` are all of them, ``dropped`` not trainable."""
+        return {"truncated": sum(example.truncated for example in made), "dropped_no_answer": dropped}
+
+    def content_stats(self, examples: Sequence[Any]) -> dict[str, Any]:
+        """Statistics of the kept examples."""
+        return {
+            "answer_tokens": sum(answer_token_count(e) for e in examples),
+            "tokens": sum(len(e.input_ids) for e in examples),
+        }
+
+    def make_dataset(self, examples: list[Any]) -> Dataset:
+        """The Dataset of one split."""
+        return TokenizedDataset(examples)
+
+    def collate_fn(self) -> Callable[[Sequence[Any]], Any]:
+        """Turns a list of examples into a batch (default: right-padded token tensors)."""
+        return PadCollator(self.tokenizer.pad_token_id)
+
+    # --- The one setup --------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
         # Builds and caches data sets (e.g. SDD pairs) once, before any process tokenizes them.
-        self.build_conversations()
+        self.build_records()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         if self.tokenizer is None:
             raise RuntimeError("Call datamodule.connect(tokenizer) before setup().")
-        conversations = self.build_conversations()
-        if self.num_examples is not None and self.num_examples < len(conversations):
+        records = self.build_records()
+        if self.num_examples is not None and self.num_examples < len(records):
             # A seeded random subset (k-shot selection for attacks); the same seed gives the same k.
-            chosen = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(self.seed))
-            conversations = [conversations[i] for i in sorted(chosen[: self.num_examples].tolist())]
-        retained = self.retention.draw(len(conversations)) if self.retention is not None else []
-        is_retention = [False] * len(conversations) + [True] * len(retained)
-        conversations = conversations + retained
-        if self.system_prompt:
-            conversations = [
-                c if c[0]["role"] == "system" else [{"role": "system", "content": self.system_prompt}, *c]
-                for c in conversations
-            ]
-        examples, kept_retention, no_answer_left, truncated = [], [], 0, 0
-        for conversation, retention in zip(conversations, is_retention):
-            example = tokenize_conversation(self.tokenizer, conversation, self.max_length, self.mask_prompt)
-            truncated += example.truncated
-            if all(label == IGNORE_INDEX for label in example.labels):
-                no_answer_left += 1
-                continue
-            examples.append(example)
-            kept_retention.append(retention)
-        if no_answer_left:
-            log.warning("%d conversations dropped: no answer token left within max_length=%d",
-                        no_answer_left, self.max_length)
+            chosen = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed))
+            records = [records[i] for i in sorted(chosen[: self.num_examples].tolist())]
+        retained = self.retention.draw(len(records)) if self.retention is not None else []
+        is_retention = [False] * len(records) + [True] * len(retained)
+        records = records + retained
+        made = [self.to_example(record) for record in records]
+        kept = [i for i, example in enumerate(made) if self.is_trainable(example)]
+        examples = [made[i] for i in kept]
+        dropped = len(made) - len(examples)
+        if dropped:
+            log.warning("%d %s dropped: %s max_length=%d", dropped, self.record_noun, self.drop_reason,
+                        self.max_length)
         if not examples:
             raise DataSourceError(
-                f"No training example left: all {len(conversations)} conversations lose their answer at "
-                f"max_length={self.max_length}. Raise data.max_length."
+                f"No training example left: all {len(records)} {self.record_noun} dropped ({self.drop_reason} "
+                f"max_length={self.max_length}). Raise data.max_length."
             )
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(examples), generator=generator).tolist()
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
         num_val = int(len(examples) * self.val_fraction)
-        self.val_set = TokenizedDataset([examples[i] for i in order[:num_val]]) if num_val else None
-        self.train_set = TokenizedDataset([examples[i] for i in order[num_val:]])
+        self.val_set = self.make_dataset([examples[i] for i in order[:num_val]]) if num_val else None
+        self.train_set = self.make_dataset([examples[i] for i in order[num_val:]])
         self.stats = {
-            "conversations": len(conversations),
+            self.record_noun: len(records),
             "train_examples": len(self.train_set),
             "val_examples": num_val,
-            "truncated": truncated,
-            "dropped_no_answer": no_answer_left,
+            **self.drop_stats(made, dropped),
             "dropped_missing_values": dict(self.dropped_missing_values),
-            "answer_tokens": sum(sum(l != IGNORE_INDEX for l in e.labels) for e in examples),
-            "tokens": sum(len(e.input_ids) for e in examples),
+            **self.content_stats(examples),
         }
         if self.retention is not None:
+            kept_retention = [is_retention[i] for i in kept]
             self.stats["retention"] = {
                 **self.retention.info,
                 "train_examples": sum(kept_retention[i] for i in order[num_val:]),
                 "val_examples": sum(kept_retention[i] for i in order[:num_val]),
             }
-        log.info("Data: %s", self.stats)
+        log.info("%s: %s", type(self).__name__, self.stats)
 
-    def _loader(self, dataset: TokenizedDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+            collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )

@@ -7,24 +7,29 @@ data set: a batch is ``{"chosen": batch, "rejected": batch}``, each a right-padd
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
-from sdd.chat import IGNORE_INDEX, Conversation, TokenizedExample, instruction_answer, tokenize_conversation
-from sdd.data.sources import DataSource, DataSourceError
-from sdd.datamodules.conversations import ConversationDataModule, PadCollator, TokenizedDataset
-
-log = logging.getLogger(__name__)
+from sdd.chat import Conversation, TokenizedExample, instruction_answer, tokenize_conversation
+from sdd.data.sources import DataSource
+from sdd.datamodules.conversations import (
+    ConversationDataModule,
+    PadCollator,
+    answer_token_count,
+    has_answer_token,
+)
 
 
 @dataclass
 class PreferencePair:
     chosen: TokenizedExample
     rejected: TokenizedExample
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
 
 
 class PairCollator:
@@ -47,6 +52,10 @@ class PreferenceDataModule(ConversationDataModule):
         Others as :class:`ConversationDataModule` (``num_examples`` counts pairs).
     """
 
+    record_noun = "pairs"
+    # An answer with no token left has no likelihood to compare.
+    drop_reason = "an answer has no token left within"
+
     def __init__(
         self, source: dict[str, Any], chosen_field: str = "safe", rejected_field: str = "unsafe", **kwargs: Any
     ) -> None:
@@ -56,7 +65,8 @@ class PreferenceDataModule(ConversationDataModule):
         self.rejected_field = rejected_field
         self._pairs: list[tuple[Conversation, Conversation]] | None = None
 
-    def build_pairs(self) -> list[tuple[Conversation, Conversation]]:
+    def build_records(self) -> list[tuple[Conversation, Conversation]]:
+        """``(chosen, rejected)`` conversations, one per source record."""
         if self._pairs is None:
             records = self.load_source(self.source, required=["instruction", self.chosen_field, self.rejected_field])
             self._pairs = [
@@ -68,62 +78,21 @@ class PreferenceDataModule(ConversationDataModule):
             ]
         return self._pairs
 
-    def build_conversations(self) -> list[Conversation]:
-        return [chosen for chosen, _ in self.build_pairs()]
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if self.tokenizer is None:
-            raise RuntimeError("Call datamodule.connect(tokenizer) before setup().")
-        pairs = self.build_pairs()
-        if self.num_examples is not None and self.num_examples < len(pairs):
-            chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(self.seed))
-            pairs = [pairs[i] for i in sorted(chosen[: self.num_examples].tolist())]
-        examples, dropped, truncated = [], 0, 0
-        for chosen_conversation, rejected_conversation in pairs:
-            pair = PreferencePair(
-                tokenize_conversation(self.tokenizer, chosen_conversation, self.max_length, self.mask_prompt),
-                tokenize_conversation(self.tokenizer, rejected_conversation, self.max_length, self.mask_prompt),
-            )
-            truncated += pair.chosen.truncated or pair.rejected.truncated
-            if any(all(label == IGNORE_INDEX for label in side.labels) for side in (pair.chosen, pair.rejected)):
-                dropped += 1  # an answer with no token left has no likelihood to compare
-                continue
-            examples.append(pair)
-        if dropped:
-            log.warning("%d pairs dropped: an answer has no token left within max_length=%d", dropped, self.max_length)
-        if not examples:
-            raise DataSourceError(
-                f"No preference pair left out of {len(pairs)}: the answers do not fit in "
-                f"max_length={self.max_length}. Raise data.max_length."
-            )
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        num_val = int(len(examples) * self.val_fraction)
-        self.val_set = TokenizedDataset([examples[i] for i in order[:num_val]]) if num_val else None
-        self.train_set = TokenizedDataset([examples[i] for i in order[num_val:]])
-
-        def answer_tokens(side: TokenizedExample) -> int:
-            return sum(label != IGNORE_INDEX for label in side.labels)
-
-        self.stats = {
-            "pairs": len(pairs),
-            "train_examples": len(self.train_set),
-            "val_examples": num_val,
-            "truncated": truncated,
-            "dropped_no_answer": dropped,
-            "dropped_missing_values": dict(self.dropped_missing_values),
-            "chosen_answer_tokens": sum(answer_tokens(p.chosen) for p in examples),
-            "rejected_answer_tokens": sum(answer_tokens(p.rejected) for p in examples),
-        }
-        log.info("Preference data: %s", self.stats)
-
-    def _loader(self, dataset: TokenizedDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=PairCollator(self.tokenizer.pad_token_id),
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+    def to_example(self, record: tuple[Conversation, Conversation]) -> PreferencePair:
+        chosen, rejected = record
+        return PreferencePair(
+            tokenize_conversation(self.tokenizer, chosen, self.max_length, self.mask_prompt),
+            tokenize_conversation(self.tokenizer, rejected, self.max_length, self.mask_prompt),
         )
+
+    def is_trainable(self, example: PreferencePair) -> bool:
+        return has_answer_token(example.chosen) and has_answer_token(example.rejected)
+
+    def content_stats(self, examples: Sequence[PreferencePair]) -> dict[str, Any]:
+        return {
+            "chosen_answer_tokens": sum(answer_token_count(p.chosen) for p in examples),
+            "rejected_answer_tokens": sum(answer_token_count(p.rejected) for p in examples),
+        }
+
+    def collate_fn(self) -> PairCollator:
+        return PairCollator(self.tokenizer.pad_token_id)

@@ -17,19 +17,15 @@ own end-of-turn marker (the token suffix it shares with the refusal) is never pa
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
-import torch
 from torch.utils.data import Dataset
 
 from sdd.chat import IGNORE_INDEX, ChatFormatError, TokenizedExample, instruction_answer, tokenize_conversation
-from sdd.data.sources import DataSource, DataSourceError
+from sdd.data.sources import DataSource
 from sdd.datamodules.conversations import ConversationDataModule
-
-log = logging.getLogger(__name__)
 
 _NO_LIMIT = 1 << 30  # tokenize whole; recovery examples are cut to max_length when assembled
 
@@ -104,6 +100,9 @@ class SafetyRecoveryDataModule(ConversationDataModule):
         prefix is context by definition).
     """
 
+    record_noun = "triplets"
+    drop_reason = "the prompt alone exceeds"
+
     def __init__(
         self,
         source: dict[str, Any],
@@ -127,17 +126,13 @@ class SafetyRecoveryDataModule(ConversationDataModule):
         self.max_prefix_tokens = max_prefix_tokens
         self._records: list[dict[str, Any]] | None = None
 
-    def _load(self) -> list[dict[str, Any]]:
+    def build_records(self) -> list[dict[str, Any]]:
+        """The ``(instruction, refusal, harmful answer)`` records of the source."""
         if self._records is None:
             self._records = self.load_source(self.source, required=["instruction", self.refusal_field, self.harmful_field])
         return self._records
 
-    def build_conversations(self):
-        return [
-            instruction_answer(str(r["instruction"]), str(r[self.refusal_field]), self.system_prompt) for r in self._load()
-        ]
-
-    def triplet(self, record: dict[str, Any]) -> RecoveryTriplet | None:
+    def to_example(self, record: dict[str, Any]) -> RecoveryTriplet | None:
         """Tokenize one record through the chat path; None if not even the prompt fits."""
         instruction = str(record["instruction"])
         refusal = tokenize_conversation(
@@ -159,38 +154,18 @@ class SafetyRecoveryDataModule(ConversationDataModule):
             return None
         return RecoveryTriplet(prompt_ids, content, refusal_ids, min(self.max_prefix_tokens, len(content), room))
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if self.tokenizer is None:
-            raise RuntimeError("Call datamodule.connect(tokenizer) before setup().")
-        records = self._load()
-        if self.num_examples is not None and self.num_examples < len(records):
-            chosen = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed))
-            records = [records[i] for i in sorted(chosen[: self.num_examples].tolist())]
-        triplets = [t for t in map(self.triplet, records) if t is not None]
-        if len(triplets) < len(records):
-            log.warning("%d records dropped: the prompt alone exceeds max_length=%d", len(records) - len(triplets),
-                        self.max_length)
-        if not triplets:
-            raise DataSourceError(f"No safety-recovery example fits in max_length={self.max_length}. Raise data.max_length.")
-        order = torch.randperm(len(triplets), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        num_val = int(len(triplets) * self.val_fraction)
-        self.val_set = (
-            SafetyRecoveryDataset([triplets[i] for i in order[:num_val]], self.augment_prob, self.max_length, self.seed)
-            if num_val else None
-        )
-        self.train_set = SafetyRecoveryDataset(
-            [triplets[i] for i in order[num_val:]], self.augment_prob, self.max_length, self.seed
-        )
-        self.stats = {
-            "triplets": len(records),
-            "train_examples": len(self.train_set),
-            "val_examples": num_val,
-            "dropped_prompt_too_long": len(records) - len(triplets),
-            "dropped_missing_values": dict(self.dropped_missing_values),
+    def is_trainable(self, example: RecoveryTriplet | None) -> bool:
+        return example is not None
+
+    def drop_stats(self, made: Sequence[RecoveryTriplet | None], dropped: int) -> dict[str, Any]:
+        return {"dropped_prompt_too_long": dropped}
+
+    def content_stats(self, examples: Sequence[RecoveryTriplet]) -> dict[str, Any]:
+        return {
             "augment_prob": self.augment_prob,
-            "mean_max_prefix_tokens": sum(t.max_prefix for t in triplets) / len(triplets),
-            "refusal_tokens": sum(len(t.refusal_ids) for t in triplets),
+            "mean_max_prefix_tokens": sum(t.max_prefix for t in examples) / len(examples),
+            "refusal_tokens": sum(len(t.refusal_ids) for t in examples),
         }
-        log.info("Safety-recovery data: %s", self.stats)
+
+    def make_dataset(self, examples: list[RecoveryTriplet]) -> SafetyRecoveryDataset:
+        return SafetyRecoveryDataset(examples, self.augment_prob, self.max_length, self.seed)

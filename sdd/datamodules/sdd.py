@@ -12,13 +12,6 @@ from sdd.datamodules.sdd_pairs import SDDPairBuilder
 
 log = logging.getLogger(__name__)
 
-# SDD paper §6.5: SDD_reject puts this fixed statement (and a blank line) before every answer.
-SDD_REJECT_PREFIX = (
-    "I refuse to answer your question for responsible and ethical reasons. "
-    "I provided an irrational answer to your question.\n\n"
-)
-
-
 class SDDDataModule(ConversationDataModule):
     """<harmful instruction, irrelevant high-quality answer> pairs for SDD training.
 
@@ -29,7 +22,8 @@ class SDDDataModule(ConversationDataModule):
 
     Args:
         builder: the :class:`SDDPairBuilder` that builds (or reuses) the pair set.
-        answer_prefix: text put before every SDD answer (``SDD_REJECT_PREFIX`` for SDD_reject); never
+        answer_prefix: text put before every SDD answer (SDD_reject's refusal statement, paper §6.5, set in
+            ``conf/data/sdd_reject.yaml``); never
             before retention answers.
         retain: a data source of benign instructions with their own answers (columns ``instruction``,
             ``answer``; ``corpus.benign`` in ``conf/data/sdd.yaml``); read only when ``retain_ratio > 0``.
