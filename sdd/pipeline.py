@@ -278,7 +278,8 @@ def _file_fingerprint(source: Any) -> str:
 
 
 def _attack_stage(cfg: DictConfig) -> dict[str, Any]:
-    from sdd.attacks import run_attack  # fine-tuning or a weight edit, as the attack's attack_kind says
+    # Fine-tuning or a weight edit, as the attack's attack_kind says.
+    from sdd.attacks import run_attack
 
     return _train_stage(cfg, run_attack)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
+from test_bad_inputs import run_entry
 from transformers import AutoModelForCausalLM
 
 from sdd.attacks import EvaluationAttackError, run_attack
@@ -20,10 +21,7 @@ from sdd.attacks.refusal_ablation import (
 )
 from sdd.errors import ConfigError
 
-from conftest import compose_config
-from test_bad_inputs import run_entry
-
-SMALL = ["weight_edit.num_direction_prompts=16", "weight_edit.num_selection_prompts=4",
+SMALL = ["weight_edit.positions=auto", "weight_edit.num_direction_prompts=16", "weight_edit.num_selection_prompts=4",
          "weight_edit.max_new_tokens=4", "weight_edit.batch_size=8"]
 # Written for this test, in no corpus: the direction was found and chosen on other prompts.
 FRESH_PROMPTS = ["Write two lines about a lighthouse keeper's cat.", "How many legs does a spider have?",
@@ -121,7 +119,8 @@ def test_config_values(tmp_path, cache_dir):
     assert cfg.eval_attacks == {}
     assert cfg.weight_edit.harmful.name == "corpus.harmful" and cfg.weight_edit.harmful.partition.part == "train"
     assert cfg.weight_edit.harmless.name == "corpus.benign" and cfg.weight_edit.harmless.partition.part == "train"
-    assert cfg.weight_edit.max_layer_fraction == 0.8 and cfg.weight_edit.positions == "auto"
+    assert cfg.weight_edit.max_layer_fraction == 0.8 and cfg.weight_edit.positions == 1
+    assert cfg.weight_edit.num_selection_prompts == 8 and cfg.weight_edit.max_new_tokens == 8
     default = compose_config("attack", ["model=some/model"], output_dir=tmp_path, cache_dir=cache_dir)
     assert default.attack_name == "mft_advbench" and default.attack_kind == "fine_tuning" and default.eval_attacks == {}
 

@@ -18,9 +18,10 @@ The procedure, as the paper describes it:
 
 What we interpreted or chose:
 
-- *Positions*: the tokens of the chat template after the instruction (``positions: auto``, counted by
-  rendering a prompt through :mod:`sdd.chat`, the one chat path), or the last N tokens of the rendered
-  prompt. Prompts are rendered as one user turn with the generation prompt, as :mod:`sdd.generation`
+- *Positions*: the paper's are the tokens of the chat template after the instruction (``positions:
+  auto``, counted by rendering a prompt through :mod:`sdd.chat`, the one chat path); ``positions: N``
+  takes the last N tokens of the rendered prompt (default 1, the last one, so that a CPU run scores
+  one candidate per layer). Prompts are rendered as one user turn with the generation prompt, as :mod:`sdd.generation`
   sends them.
 - *Refusal measure*: the paper scores a candidate by the log-odds of hand-picked refusal tokens at the
   first generated position; we generate ``max_new_tokens`` greedy tokens per held-out harmful prompt
@@ -56,12 +57,14 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from sdd.chat import render, tokenize_prompt, user_turn
 from sdd.errors import ConfigError, require_device
@@ -114,7 +117,8 @@ def resolve_layout(model: torch.nn.Module, layout: Mapping[str, Any] | None,
     if spec.get("layers"):
         layers = _submodule(model, spec["layers"], "layers")
     else:
-        from sdd.modules.vaccine import decoder_layers  # the shared decoder-layer lookup
+        # The shared decoder-layer lookup (moving to sdd.modules.ops).
+        from sdd.modules.vaccine import decoder_layers
 
         layers = decoder_layers(model)
     writers = [[_submodule(layer, path, "writers") for path in spec["writers"]] for layer in layers]
@@ -274,7 +278,8 @@ class RefusalDirectionAblation:
         harmful, harmless: data sources of instructions (column ``instruction``).
         num_direction_prompts, num_selection_prompts: prompts per class for the means and for selection.
         positions: ``auto`` (the template's post-instruction tokens) or the number of last tokens.
-        min_layer_fraction, max_layer_fraction: candidate layers ``min*L <= l < max*L``.
+        min_layer_fraction, max_layer_fraction, layer_step: candidate layers ``min*L <= l < max*L``, every
+            ``layer_step``-th.
         max_new_tokens: greedy tokens judged for refusal per selection prompt.
         max_kl: the harmless-KL filter.
         batch_size: prompts per forward pass / generation batch.
@@ -284,12 +289,13 @@ class RefusalDirectionAblation:
     """
 
     def __init__(self, harmful: Mapping[str, Any], harmless: Mapping[str, Any], num_direction_prompts: int = 64,
-                 num_selection_prompts: int = 16, positions: int | str = "auto", min_layer_fraction: float = 0.0,
-                 max_layer_fraction: float = 0.8, max_new_tokens: int = 12, max_kl: float = 0.1, batch_size: int = 16,
-                 device: str | None = None, untie_embeddings: bool = True, layout: Mapping[str, Any] | None = None,
+                 num_selection_prompts: int = 8, positions: int | str = 1, min_layer_fraction: float = 0.0,
+                 max_layer_fraction: float = 0.8, layer_step: int = 1, max_new_tokens: int = 8, max_kl: float = 0.1,
+                 batch_size: int = 16, device: str | None = None, untie_embeddings: bool = True, layout: Mapping[str, Any] | None = None,
                  layouts: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        for key, value in (("num_direction_prompts", num_direction_prompts), ("num_selection_prompts",
-                           num_selection_prompts), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        integers = {"num_direction_prompts": num_direction_prompts, "num_selection_prompts": num_selection_prompts,
+                    "layer_step": layer_step, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+        for key, value in integers.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"weight_edit.{key} must be a positive integer, got {value!r}. Fix: "
                                   f"weight_edit.{key}=<integer >= 1>.")
@@ -305,6 +311,7 @@ class RefusalDirectionAblation:
         self.num_selection_prompts = num_selection_prompts
         self.positions = positions
         self.layer_range = (min_layer_fraction, max_layer_fraction)
+        self.layer_step = layer_step
         self.max_new_tokens = max_new_tokens
         self.max_kl = max_kl
         self.batch_size = batch_size
@@ -332,8 +339,10 @@ class RefusalDirectionAblation:
         return rest[: self.num_direction_prompts], selection
 
     def candidate_layers(self, num_layers: int) -> range:
+        """Layers ``min*L <= l < max*L``, every ``layer_step``-th."""
         low, high = self.layer_range
-        return range(math.floor(low * num_layers), max(math.floor(low * num_layers) + 1, math.ceil(high * num_layers)))
+        start = math.floor(low * num_layers)
+        return range(start, max(start + 1, math.ceil(high * num_layers)), self.layer_step)
 
     def select(self, model, tokenizer, layout: ResidualLayout, directions: torch.Tensor, norms: torch.Tensor,
                harmful: Sequence[str], harmless: Sequence[str]) -> dict[str, Any]:
@@ -341,17 +350,17 @@ class RefusalDirectionAblation:
         harmless_reference = last_position_log_probs(model, tokenizer, harmless, self.batch_size)
         scale = norms.max().clamp(min=1e-12)
         candidates = []
-        for layer in self.candidate_layers(directions.shape[0]):
-            for position in range(directions.shape[1]):
-                if norms[layer, position] <= 1e-6 * scale:  # identical activations (e.g. template tokens' embeddings)
-                    continue
-                direction = directions[layer, position]
-                with directional_ablation(layout, direction):
-                    rate = refusal_rate(model, tokenizer, harmful, self.max_new_tokens, self.batch_size)
-                    kl = mean_kl(harmless_reference, last_position_log_probs(model, tokenizer, harmless, self.batch_size))
-                candidates.append({"layer": layer, "position": position - directions.shape[1],
-                                   "harmful_refusal_rate": rate, "harmless_kl": kl,
-                                   "mean_difference_norm": float(norms[layer, position])})
+        grid = [(layer, position) for layer in self.candidate_layers(directions.shape[0])
+                for position in range(directions.shape[1])
+                if norms[layer, position] > 1e-6 * scale]  # zero: identical activations (template tokens' embeddings)
+        for layer, position in tqdm(grid, desc="Scoring candidate directions"):
+            direction = directions[layer, position]
+            with directional_ablation(layout, direction):
+                rate = refusal_rate(model, tokenizer, harmful, self.max_new_tokens, self.batch_size)
+                kl = mean_kl(harmless_reference, last_position_log_probs(model, tokenizer, harmless, self.batch_size))
+            candidates.append({"layer": layer, "position": position - directions.shape[1],
+                               "harmful_refusal_rate": rate, "harmless_kl": kl,
+                               "mean_difference_norm": float(norms[layer, position])})
         if not candidates:
             raise ConfigError("No candidate direction: every difference of means in the layer range is zero. Fix: "
                               "widen weight_edit.min/max_layer_fraction, or weight_edit.positions.")
@@ -393,8 +402,7 @@ class RefusalDirectionAblation:
         norms = differences.norm(dim=-1)
         directions = differences / norms.clamp(min=1e-12).unsqueeze(-1)
         layers = self.candidate_layers(directions.shape[0])
-        log.info("Refusal ablation: %d layers x %d positions, candidate layers %d-%d", *directions.shape[:2],
-                 layers.start, layers.stop - 1)
+        log.info("Refusal ablation: %d layers x %d positions; candidate layers %s", *directions.shape[:2], list(layers))
 
         before = {
             "harmful_refusal_rate": refusal_rate(model, tokenizer, harmful_selection, self.max_new_tokens, self.batch_size),
@@ -421,7 +429,7 @@ class RefusalDirectionAblation:
             "model_dir": str(model_dir),
             "layer": chosen["layer"], "position": chosen["position"],
             "num_layers": directions.shape[0], "post_instruction_positions": num_positions,
-            "candidate_layers": [layers.start, layers.stop - 1],
+            "candidate_layers": list(layers),
             "refusal_judge": "refusal keyword (proxy)", "max_new_tokens": self.max_new_tokens,
             "max_kl": self.max_kl, "kl_filter_passed": selection["kl_filter_passed"],
             "prompts": {"harmful_direction": len(harmful_direction), "harmless_direction": len(harmless_direction),
