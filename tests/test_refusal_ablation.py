@@ -161,3 +161,23 @@ def test_tied_orthogonalization_changes_the_shared_matrix(tiny_backbone):
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
     assert (model.lm_head.weight @ direction).abs().max() < 1e-5
     assert (model.model.layers[0].self_attn.o_proj.weight.T @ direction).abs().max() < 1e-5
+
+
+def test_pipeline_attack_stage_runs_the_weight_edit_and_reads_its_prompts(tmp_path, cache_dir, monkeypatch):
+    """The pipeline's attack stage goes through run_attack; the overlap check reads the edit's own prompts."""
+    from types import SimpleNamespace
+
+    import sdd.attacks
+    from sdd import pipeline
+    from sdd.data.overlap import point_overlap
+
+    cfg = compose_config("attack", ["model=some/folder", "attack=refusal_ablation"], output_dir=tmp_path,
+                         cache_dir=cache_dir)
+    calls = []
+    monkeypatch.setattr(sdd.attacks, "run_attack", lambda c: calls.append(c) or {"model_dir": "m", "global_step": 0})
+    assert pipeline._attack_stage(cfg) == {"model_dir": "m", "global_step": 0, "metrics": {}}
+    assert calls[0].overwrite is True and calls[0].attack_kind == "weight_edit"
+
+    overlap = point_overlap({"attack": SimpleNamespace(kind="attack", cfg=cfg)})
+    assert overlap["sources"] == {"attack/weight_edit.harmful": "corpus.harmful",
+                                  "attack/weight_edit.harmless": "corpus.benign"}
