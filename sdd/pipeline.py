@@ -75,7 +75,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         record["stages"]["defense"] = {"model_dir": planner.vanilla_model, "vanilla": True}
     for number, (name, stage) in enumerate(stages.items(), start=1):  # in order: each uses an earlier one's output
         log.info("Point %s: stage %d/%d, %s", point["name"], number, len(stages), name)
-        runner = _evaluate_stage if stage.kind == "evaluate" else _train_stage
+        runner = {"evaluate": _evaluate_stage, "attack": _attack_stage}.get(stage.kind, _train_stage)
         record["stages"][name] = planner.run(stage, runner)
         if stage.kind == "evaluate":
             record["evaluations"][name.removeprefix("evaluate_")] = record["stages"][name].pop("result")
@@ -277,7 +277,14 @@ def _file_fingerprint(source: Any) -> str:
     return _FINGERPRINTS[version]
 
 
-def _train_stage(cfg: DictConfig) -> dict[str, Any]:
+def _attack_stage(cfg: DictConfig) -> dict[str, Any]:
+    # Fine-tuning or a weight edit, as the attack's attack_kind says.
+    from sdd.attacks import run_attack
+
+    return _train_stage(cfg, run_attack)
+
+
+def _train_stage(cfg: DictConfig, fit: Callable[[DictConfig], dict[str, Any]] | None = None) -> dict[str, Any]:
     from sdd.training import train
 
     # A stage without a record is unfinished by definition (its folder is named by its config): train it
@@ -285,7 +292,7 @@ def _train_stage(cfg: DictConfig) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.overwrite = True
-    summary = train(cfg)
+    summary = (fit or train)(cfg)
     return {"model_dir": summary["model_dir"], "global_step": summary["global_step"],
             "metrics": summary.get("metrics", {})}
 

@@ -80,6 +80,16 @@ ATTACKS = {
     "bft_sharegpt": intended(steps=-1, epochs=1, lr=2e-5, batch=8, examples=1000, length=512),
 }
 ATTACKS.update({f"{name}_lora": {**row, "lr": 1e-4, "lora": LORA_R8} for name, row in list(ATTACKS.items())})
+# Attacks that do not fine-tune: {dotted key: intended value} of what runs.
+OTHER_ATTACKS = {
+    "refusal_ablation": {"attack_kind": "weight_edit", "weight_edit.positions": 1, "weight_edit.max_layer_fraction": 0.8,
+                         "weight_edit.num_selection_prompts": 8, "weight_edit.harmful.partition.part": "train"},
+    "prefilling": {"attack_kind": "evaluation", "eval_attacks.prefilling.prefill_tokens": [5, 10, 20, 40]},
+    "embedding_attack": {"attack_kind": "evaluation", "eval_attacks.embedding_attack.steps": 100,
+                         "eval_attacks.embedding_attack.suffix_tokens": 20,
+                         "eval_attacks.embedding_attack.step_size": 0.001,
+                         "eval_attacks.embedding_attack.optimizer": "signed_gd"},
+}
 
 TRAINING_EXPERIMENT_ROWS = {
     "sdd_paper": SDD_RECIPE,
@@ -238,11 +248,18 @@ def test_an_experiment_keeps_a_defense_chosen_on_the_command_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- attack.py
-@pytest.mark.parametrize("attack", options("attack"))
+@pytest.mark.parametrize("attack", [a for a in options("attack") if a not in OTHER_ATTACKS])
 def test_every_attack_runs_its_own_recipe(attack, tmp_path):
     cfg = compose_config("attack", [f"attack={attack}", "model=some/folder"], output_dir=tmp_path)
     assert cfg.attack_name == attack and cfg.backbone.name_or_path == "some/folder"
     assert_runs(cfg, row(ATTACKS, attack, f"attack={attack}"), f"attack.py attack={attack}")
+
+
+@pytest.mark.parametrize("attack", sorted(OTHER_ATTACKS))
+def test_every_other_attack_runs_its_own_settings(attack, tmp_path):
+    cfg = compose_config("attack", [f"attack={attack}", "model=some/folder"], output_dir=tmp_path)
+    runs = {key: OmegaConf.select(cfg, key) for key in OTHER_ATTACKS[attack]}
+    assert cfg.attack_name == attack and runs == OTHER_ATTACKS[attack]
 
 
 @pytest.mark.parametrize("shots", [10, 50, 100])
@@ -313,9 +330,7 @@ def test_every_stage_of_every_pipeline_experiment(experiment, tmp_path, monkeypa
 # ---------------------------------------------------------------------------------------------- the tables are whole
 def test_every_config_has_a_row():
     assert set(options("defense")) == set(DEFENSES), "conf/defense and DEFENSES differ"
-    fine_tuning = {name for name in options("attack")  # evaluation-time and weight-edit entries train nothing
-                   if not re.search(r"^attack_kind: (evaluation|weight_edit)", (CONF_DIR / "attack" / f"{name}.yaml").read_text(), re.MULTILINE)}
-    assert fine_tuning == set(ATTACKS), "conf/attack's fine-tuning entries and ATTACKS differ"
+    assert set(options("attack")) == set(ATTACKS) | set(OTHER_ATTACKS), "conf/attack and ATTACKS differ"
     assert set(TRAINING_EXPERIMENTS) == set(TRAINING_EXPERIMENT_ROWS)
     assert set(PIPELINE_EXPERIMENTS) == set(PIPELINE)
     assert set(options("scale")) == {"paper", "cpu_demo"}

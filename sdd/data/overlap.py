@@ -182,7 +182,8 @@ def point_overlap(stages: Mapping[str, Any]) -> dict[str, Any]:
     for stage in stages.values():
         cfg = stage.cfg
         if stage.kind in ("defense", "attack"):
-            for path, node in find_sources(cfg.get("data"), "data"):
+            read = "weight_edit" if cfg.get("attack_kind") == "weight_edit" else "data"  # a weight edit's own prompts
+            for path, node in find_sources(cfg.get(read), read):
                 name = f"{stage.kind}/{path}"
                 spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
                 key = json.dumps(spec, sort_keys=True, default=str)
