@@ -78,6 +78,14 @@ ATTACKS = {
     "bft_sharegpt": intended(steps=-1, epochs=1, lr=2e-5, batch=8, examples=1000, length=512),
 }
 ATTACKS.update({f"{name}_lora": {**row, "lr": 1e-4, "lora": LORA_R8} for name, row in list(ATTACKS.items())})
+# Jailbreak-tuning (Murphy et al. 2025): mft_beavertails's data and recipe (our choice), in a jailbreak format.
+# Its format (data.jailbreak) and the evaluation variant it asks for (eval_attacks: <label> -> that format).
+JAILBREAK_TUNING = {
+    "jailbreak_tuning_competing": ("competing_objectives", "suffix", "competing_objectives"),
+    "jailbreak_tuning_style": ("style_modulation", "suffix", "style_modulation"),
+    "jailbreak_tuning_backdoor": ("backdoor", "prefix", "backdoor_trigger"),
+}
+ATTACKS.update({name: ATTACKS["mft_beavertails"] for name in JAILBREAK_TUNING})
 
 TRAINING_EXPERIMENT_ROWS = {
     "sdd_paper": SDD_RECIPE,
@@ -241,6 +249,21 @@ def test_every_attack_runs_its_own_recipe(attack, tmp_path):
     cfg = compose_config("attack", [f"attack={attack}", "model=some/folder"], output_dir=tmp_path)
     assert cfg.attack_name == attack and cfg.backbone.name_or_path == "some/folder"
     assert_runs(cfg, row(ATTACKS, attack, f"attack={attack}"), f"attack.py attack={attack}")
+
+
+@pytest.mark.parametrize("attack", options("attack"))
+def test_only_jailbreak_tuning_formats_its_data_and_evaluates_with_the_format(attack, tmp_path):
+    cfg = OmegaConf.to_container(compose_config("attack", [f"attack={attack}", "model=x"], output_dir=tmp_path),
+                                 resolve=True)
+    jailbreak, eval_attacks = cfg["data"].get("jailbreak"), cfg.get("eval_attacks") or {}
+    if attack not in JAILBREAK_TUNING:
+        assert jailbreak is None and not any(s.get("kind") == "prompt_format" for s in eval_attacks.values())
+        return
+    style, placement, label = JAILBREAK_TUNING[attack]
+    assert cfg.get("attack_kind", "fine_tuning") == "fine_tuning"
+    assert (jailbreak["style"], jailbreak["placement"]) == (style, placement)
+    assert cfg["data"]["source"] == cfg["corpus"]["harmful_qa"]  # BeaverTails-style harmful QA with answers
+    assert eval_attacks == {label: {"kind": "prompt_format", "format": jailbreak}}
 
 
 @pytest.mark.parametrize("shots", [10, 50, 100])
