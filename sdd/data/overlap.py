@@ -179,11 +179,11 @@ def point_overlap(stages: Mapping[str, Any]) -> dict[str, Any]:
     not_compared: dict[str, str] = {}
     eval_sets: dict[str, list[str]] = {}
     loaded: dict[str, list[str] | None] = {}
-    for stage in stages.values():
+    for stage_name, stage in stages.items():
         cfg = stage.cfg
         if stage.kind in ("defense", "attack"):
             for path, node in find_sources(cfg.get("data"), "data"):
-                name = f"{stage.kind}/{path}"
+                name = f"{stage_name}/{path}"  # defense/..., attack/..., attack_2/... (a chain's later stages)
                 spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
                 key = json.dumps(spec, sort_keys=True, default=str)
                 if key not in loaded:
