@@ -215,14 +215,17 @@ class StagePlanner:
         # 3. The chain's weight attacks, each on the previous model, then 4. the attacked model's evaluation
         # with every element's evaluation-time attacks.
         if chain:
-            eval_attacks: dict[str, Any] = {}
+            eval_attacks = OmegaConf.create({})
             weight_stages, evaluation_element = 0, None
             for name in chain:
                 element = self.compose("attack", "attack", [
                     f"model={override_value(model)}", *as_model, f"attack={name}", *self.training_choices,
                     *cfg.stages.overrides.attack, *attack_overrides,
                 ], label=name)
-                merge_eval_attacks(eval_attacks, element.cfg, name, attack)
+                # Union in chain order (a later element's keys win): an override every element receives, e.g.
+                # ++eval_attacks.prefilling.prefill_tokens=[5], completes the entry that defines the variant.
+                found = element.cfg.get("eval_attacks")
+                eval_attacks = OmegaConf.merge(eval_attacks, OmegaConf.to_container(found, resolve=True) if found else {})
                 kind = str(element.cfg.get("attack_kind") or "fine_tuning")
                 if kind == "evaluation":  # no stage: it adds variants to the evaluation
                     evaluation_element = name
@@ -240,7 +243,7 @@ class StagePlanner:
                 model = str(element.dir / "model")
             stages["evaluate_after_attack"] = self.compose(
                 "eval", "evaluate", [f"model={override_value(model)}", *evaluate], label="after_attack",
-                patch={"eval_attacks": eval_attacks} if eval_attacks else None)
+                patch={"eval_attacks": OmegaConf.to_container(eval_attacks, resolve=True)} if eval_attacks else None)
         return stages
 
     def compose(self, config_name: str, kind: str, overrides: Sequence[str], label: str | None = None,
@@ -255,7 +258,9 @@ class StagePlanner:
             with open_dict(cfg):
                 for name, value in patch.items():
                     cfg[name] = value
-        key = self.config_key(cfg)
+        # An attack stage's eval_attacks say how its model is evaluated, not what it trains: the same model
+        # evaluated with and without a variant is trained once.
+        key = self.config_key(cfg, unhashed=("eval_attacks",) if kind == "attack" else ())
         stage_dir = self.stages_dir / kind / f"{safe_name(label or kind)}-{key}"
         with open_dict(cfg):
             cfg.paths.output_dir = str(stage_dir)
@@ -263,7 +268,7 @@ class StagePlanner:
             cfg.stage_overrides = list(all_overrides)
         return Stage(kind, cfg, key, stage_dir)
 
-    def config_key(self, cfg: DictConfig) -> str:
+    def config_key(self, cfg: DictConfig, unhashed: Sequence[str] = ()) -> str:
         """A hash of what the stage computes: its resolved config without paths, logging or checkpoints."""
         hashed = copy.deepcopy(cfg)
         with open_dict(hashed):
@@ -271,7 +276,7 @@ class StagePlanner:
                 hashed.paths[key] = f"<paths.{key}>"
             text = json.dumps(OmegaConf.to_container(hashed, resolve=True), sort_keys=True, default=str)
         container = json.loads(text)
-        for key in NOT_HASHED:
+        for key in (*NOT_HASHED, *unhashed):
             container.pop(key, None)
         drop_unhashed_generation_settings(container)  # eval.generation: only what changes the answers
         # What the stage's data files hold, not only their names: an edited file is a new stage. The corpus
@@ -304,20 +309,6 @@ class StagePlanner:
             temporary.write_text(json.dumps(record, indent=2))
             temporary.replace(record_path)  # atomic: a record exists only for a finished stage
         return {**record, "reused": False}
-
-
-def merge_eval_attacks(merged: dict[str, Any], element: DictConfig, name: str, chain: str) -> None:
-    """Add the chain element's ``eval_attacks`` (resolved) to ``merged``, in order.
-
-    Raises:
-        ConfigError: two elements name the same variant with different specs.
-    """
-    found = element.get("eval_attacks")
-    for label, spec in (OmegaConf.to_container(found, resolve=True) if found else {}).items():
-        if label in merged and merged[label] != spec:
-            raise ConfigError(f"point.attack={chain}: two elements define eval_attacks.{label} differently "
-                              f"(the second is {name}'s); rename one of them in its conf/attack file.")
-        merged[label] = spec
 
 
 def data_fingerprints(container: Any, prefix: str = "") -> dict[str, str]:

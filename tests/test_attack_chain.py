@@ -153,6 +153,17 @@ def test_eval_attacks_are_part_of_the_evaluation_stage_hash(tmp_path, cache_dir,
     assert not plan(tmp_path, cache_dir, "point.attack=mft_advbench")[1]["evaluate_after_attack"].cfg.get("eval_attacks")
 
 
+def test_an_override_every_element_receives_completes_the_variant_and_keeps_the_attack_stage(
+        tmp_path, cache_dir, evaluation_attacks):
+    _, plain = plan(tmp_path, cache_dir, "point.attack=mft_advbench+test_eval_prefill")
+    _, changed = plan(tmp_path, cache_dir, "point.attack_setting=k40", '+attack_settings={k40: {attack: '
+                      '"mft_advbench+test_eval_prefill", overrides: ["++eval_attacks.test_eval_prefill.prefill_tokens=[40]"]}}')
+    assert OmegaConf.to_container(changed["evaluate_after_attack"].cfg.eval_attacks) == {
+        "test_eval_prefill": {"kind": "prefilling", "prefill_tokens": [40]}}
+    assert changed["attack"].key == plain["attack"].key  # eval_attacks are not what the attack stage trains
+    assert changed["evaluate_after_attack"].key != plain["evaluate_after_attack"].key
+
+
 def test_an_evaluation_only_chain_evaluates_the_defended_model_under_the_attack(tmp_path, cache_dir, evaluation_attacks):
     _, stages = plan(tmp_path, cache_dir, "point.attack=test_eval_prefill+test_eval_other")
     assert list(stages) == ["evaluate_before_attack", "evaluate_after_attack"]
