@@ -25,8 +25,9 @@ what the attack trains on (the instruction-answer data module's ``data.jailbreak
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from sdd.errors import ConfigError
 
@@ -48,7 +49,7 @@ class JailbreakFormat:
     answer_style: str = "unchanged"    # style_modulation: how answers are rewritten
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any], key: str = "data.jailbreak") -> "JailbreakFormat":
+    def from_spec(cls, spec: Mapping[str, Any], key: str = "data.jailbreak") -> JailbreakFormat:
         """Check ``spec`` and return it as a :class:`JailbreakFormat`.
 
         Raises:

@@ -218,10 +218,10 @@ class InstructionAnswerDataModule(ConversationDataModule):
         jailbreak: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.source = DataSource.from_config(source, "data.source")
         from sdd.attacks.jailbreak import JailbreakFormat  # imported here: sdd.attacks imports the training code
 
+        super().__init__(**kwargs)
+        self.source = DataSource.from_config(source, "data.source")
         self.jailbreak = None if jailbreak is None else JailbreakFormat.from_spec(jailbreak)
         self.answer_prefix = answer_prefix or ""
         self.retention = retention_stream(retain, retain_ratio, self.seed)
