@@ -8,6 +8,13 @@ finished folder is reused, and an unfinished one resumes from its last checkpoin
 stage lets parallel jobs (SLURM arrays) wait for a stage another job is computing instead of
 computing it twice.
 
+``point.attack`` is a chain of ``conf/attack`` entries joined by ``+`` (``mft_advbench+prefilling``):
+its weight attacks (``attack_kind`` fine_tuning or weight_edit) run as successive stages ``attack``,
+``attack_2``, ..., each on the previous one's model; its evaluation-time attacks (``attack_kind``
+evaluation) come last. The ``eval_attacks`` of every element (their union, in chain order) go into the
+after-attack evaluation's config, hence into its hash: the same attacked model evaluated with other
+evaluation-time attacks is another stage.
+
 ``run_pipeline(cfg)`` is what ``pipeline.py`` calls; it writes the point's ``results.json``
 (evaluations before and after the attack, and where each stage lives) into ``paths.output_dir``.
 """
@@ -29,6 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdd.credentials import scrub_credentials
+from sdd.errors import ConfigError
 from sdd.evaluation.generation import drop_unhashed_generation_settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +44,8 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 STAGE_RECORD = "stage.json"
 NONE = "none"
+CHAIN_SEPARATOR = "+"  # point.attack=a+b: Hydra's override parser reads "+" inside a value as text
+WEIGHT_ATTACKS = ("fine_tuning", "weight_edit")  # attack_kind of the chain elements that run as stages
 # Keys that say where or how verbosely a stage runs, not what it computes: left out of its hash.
 NOT_HASHED = ("paths", "logger", "checkpoint", "ckpt_path", "prepare_only", "task_name", "sample_prompts",
               "sample_max_new_tokens", "resume", "overwrite")
@@ -65,6 +75,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             state = "finished" if (stage.dir / STAGE_RECORD).exists() else "to run"
             overrides = " ".join(scrub_credentials(list(stage.cfg.stage_overrides)))
             print(f"{name:24s} {state:9s} {stage.dir}\n{'':24s} overrides: {overrides}")
+            if stage.kind == "evaluate" and stage.cfg.get("eval_attacks"):
+                print(f"{'':24s} eval_attacks: {', '.join(stage.cfg.eval_attacks)}")
         return {"point": point, "planned": {name: str(stage.dir) for name, stage in stages.items()}}
 
     from sdd.data.overlap import point_overlap
@@ -94,6 +106,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
 
 def describe_point(cfg: DictConfig) -> dict[str, Any]:
+    """The point's identity: backbone, defense, ``attack`` (the full chain, ``a+b``), attack setting, seed."""
     attack, _ = attack_choice(cfg)
     setting = cfg.point.get("attack_setting")
     name = f"{cfg.point.backbone}/{cfg.point.defense}/{attack if setting is None else f'{attack}#{setting}'}"
@@ -102,15 +115,44 @@ def describe_point(cfg: DictConfig) -> dict[str, Any]:
 
 
 def attack_choice(cfg: DictConfig) -> tuple[str, list[str]]:
-    """The attack and its extra overrides: ``point.attack``, or the named ``attack_settings`` entry."""
+    """The attack chain (``a+b``, or ``none``) and its extra overrides: ``point.attack``, or the named
+    ``attack_settings`` entry (whose ``attack`` may be a chain too; its overrides apply to every element)."""
     setting = cfg.point.get("attack_setting")
     if setting is None:
-        return str(cfg.point.attack), []
+        return chain_text(cfg.point.attack, "point.attack"), []
     settings = {str(name): value for name, value in (cfg.get("attack_settings") or {}).items()}
     if str(setting) not in settings:
         raise KeyError(f"point.attack_setting={setting} is not in attack_settings (known: {sorted(settings)}).")
     chosen = settings[str(setting)]
-    return str(chosen.attack), list(chosen.get("overrides") or [])
+    return chain_text(chosen.attack, f"attack_settings.{setting}.attack"), list(chosen.get("overrides") or [])
+
+
+def attack_chain(attack: Any, key: str = "point.attack") -> list[str]:
+    """The ``conf/attack`` entries of the chain ``a+b+...`` in order; ``[]`` for ``none``.
+
+    Raises:
+        ConfigError: an empty element, or ``none`` inside a chain.
+    """
+    text = str(attack).strip()
+    if text == NONE:
+        return []
+    elements = [element.strip() for element in text.split(CHAIN_SEPARATOR)]
+    if not all(elements) or NONE in elements:
+        raise ConfigError(f"{key}={text!r} is not an attack chain: write conf/attack entries joined by "
+                          f"'{CHAIN_SEPARATOR}' (e.g. mft_advbench{CHAIN_SEPARATOR}prefilling), or {NONE} alone.")
+    return elements
+
+
+def chain_text(attack: Any, key: str = "point.attack") -> str:
+    """The chain as one string (``a+b``, ``none``): the point's ``attack`` and the report's row label."""
+    return CHAIN_SEPARATOR.join(attack_chain(attack, key)) or NONE
+
+
+def known_attacks() -> list[str]:
+    """The ``conf/attack`` options of the Hydra app in use (files and ConfigStore entries)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    return sorted(GlobalHydra.instance().config_loader().get_group_options("attack"))
 
 
 def resolve_backbone(backbone_cfg: DictConfig) -> str:
@@ -145,6 +187,11 @@ class StagePlanner:
         can be composed (and named) before any runs."""
         cfg, point = self.cfg, describe_point(self.cfg)
         attack, attack_overrides = attack_choice(cfg)
+        chain = attack_chain(attack)
+        unknown = [name for name in chain if name not in known_attacks()]
+        if unknown:
+            raise ConfigError(f"point.attack={attack}: {', '.join(unknown)} is not a conf/attack option; the options "
+                              f"are {', '.join(known_attacks())} (chain them with '{CHAIN_SEPARATOR}').")
         stages: dict[str, Stage] = {}
         # 1. Defense: train the backbone with the defense, or take it as it is (Vanilla).
         if point["defense"] == NONE:
@@ -165,23 +212,55 @@ class StagePlanner:
         if cfg.stages.evaluate_before_attack or attack == NONE:
             stages["evaluate_before_attack"] = self.compose(
                 "eval", "evaluate", [f"model={override_value(model)}", *evaluate], label="before_attack")
-        # 3. The attack, then 4. the attacked model's evaluation.
-        if attack != NONE:
-            stages["attack"] = self.compose("attack", "attack", [
-                f"model={override_value(model)}", *as_model, f"attack={attack}", *self.training_choices,
-                *cfg.stages.overrides.attack, *attack_overrides,
-            ], label=attack)
-            attacked = str(stages["attack"].dir / "model")
+        # 3. The chain's weight attacks, each on the previous model, then 4. the attacked model's evaluation
+        # with every element's evaluation-time attacks.
+        if chain:
+            eval_attacks = OmegaConf.create({})
+            weight_stages, evaluation_element = 0, None
+            for name in chain:
+                element = self.compose("attack", "attack", [
+                    f"model={override_value(model)}", *as_model, f"attack={name}", *self.training_choices,
+                    *cfg.stages.overrides.attack, *attack_overrides,
+                ], label=name)
+                # Union in chain order (a later element's keys win): an override every element receives, e.g.
+                # ++eval_attacks.prefilling.prefill_tokens=[5], completes the entry that defines the variant.
+                found = element.cfg.get("eval_attacks")
+                eval_attacks = OmegaConf.merge(eval_attacks, OmegaConf.to_container(found, resolve=True) if found else {})
+                kind = str(element.cfg.get("attack_kind") or "fine_tuning")
+                if kind == "evaluation":  # no stage: it adds variants to the evaluation
+                    evaluation_element = name
+                    continue
+                if kind not in WEIGHT_ATTACKS:
+                    raise ConfigError(f"conf/attack/{name}.yaml: attack_kind={kind} is not one of "
+                                      f"{[*WEIGHT_ATTACKS, 'evaluation']}.")
+                if evaluation_element is not None:
+                    raise ConfigError(
+                        f"point.attack={attack}: {evaluation_element} is an evaluation-time attack (attack_kind: "
+                        f"evaluation) and must come last, after the weight attack {name}: write "
+                        f"{CHAIN_SEPARATOR.join([n for n in chain if n != evaluation_element] + [evaluation_element])}.")
+                weight_stages += 1
+                stages["attack" if weight_stages == 1 else f"attack_{weight_stages}"] = element
+                model = str(element.dir / "model")
             stages["evaluate_after_attack"] = self.compose(
-                "eval", "evaluate", [f"model={override_value(attacked)}", *evaluate], label="after_attack")
+                "eval", "evaluate", [f"model={override_value(model)}", *evaluate], label="after_attack",
+                patch={"eval_attacks": OmegaConf.to_container(eval_attacks, resolve=True)} if eval_attacks else None)
         return stages
 
-    def compose(self, config_name: str, kind: str, overrides: Sequence[str], label: str | None = None) -> Stage:
+    def compose(self, config_name: str, kind: str, overrides: Sequence[str], label: str | None = None,
+                patch: dict[str, Any] | None = None) -> Stage:
+        """The stage ``config_name`` composed with ``overrides``, then ``patch``'s top-level keys set (before
+        the hash: values an override string cannot carry, like the chain's ``eval_attacks``)."""
         from hydra import compose
 
         all_overrides = [*self.path_overrides, *self.common, *overrides]
         cfg = compose(config_name=config_name, overrides=all_overrides)
-        key = self.config_key(cfg)
+        if patch:
+            with open_dict(cfg):
+                for name, value in patch.items():
+                    cfg[name] = value
+        # An attack stage's eval_attacks say how its model is evaluated, not what it trains: the same model
+        # evaluated with and without a variant is trained once.
+        key = self.config_key(cfg, unhashed=("eval_attacks",) if kind == "attack" else ())
         stage_dir = self.stages_dir / kind / f"{safe_name(label or kind)}-{key}"
         with open_dict(cfg):
             cfg.paths.output_dir = str(stage_dir)
@@ -189,7 +268,7 @@ class StagePlanner:
             cfg.stage_overrides = list(all_overrides)
         return Stage(kind, cfg, key, stage_dir)
 
-    def config_key(self, cfg: DictConfig) -> str:
+    def config_key(self, cfg: DictConfig, unhashed: Sequence[str] = ()) -> str:
         """A hash of what the stage computes: its resolved config without paths, logging or checkpoints."""
         hashed = copy.deepcopy(cfg)
         with open_dict(hashed):
@@ -197,7 +276,7 @@ class StagePlanner:
                 hashed.paths[key] = f"<paths.{key}>"
             text = json.dumps(OmegaConf.to_container(hashed, resolve=True), sort_keys=True, default=str)
         container = json.loads(text)
-        for key in NOT_HASHED:
+        for key in (*NOT_HASHED, *unhashed):
             container.pop(key, None)
         drop_unhashed_generation_settings(container)  # eval.generation: only what changes the answers
         # What the stage's data files hold, not only their names: an edited file is a new stage. The corpus
@@ -345,3 +424,6 @@ def print_point(record: dict[str, Any]) -> None:
         benign = {k: round(v, 3) for k, v in ((evaluation.get("benign") or {}).get("overall") or {}).items()
                   if k in ("on_topic_rate", "refusal_rate", "reference_nll") and isinstance(v, float)}
         print(f"  {name}: harmfulness {shown} benign {benign} capability {capability}")
+        for variant, under in (evaluation.get("harmfulness_under_attack") or {}).items():
+            shown = {k: round(v, 3) for k, v in (under.get("overall") or {}).items() if isinstance(v, float)}
+            print(f"  {name} [{variant}]: harmfulness {shown}")

@@ -3,7 +3,8 @@
 ``write_report(sweep_dir)`` writes into ``<sweep_dir>/report/``:
 
 - ``results.csv``: one row per point, harmfulness, benign behaviour and capability before and after the
-  attack (and its signed change), judge agreement, and the point's train/evaluation data overlap;
+  attack (and its signed change), judge agreement, and the point's train/evaluation data overlap; a point
+  whose attack chain has evaluation-time attacks adds one row per variant (``<chain> [<variant>]``);
 - ``report.md``: the verdict (per defense, before and after each attack: refusal, irrelevant rate and
   on-topic compliance on harmful prompts; on-topic rate, over-refusal and reference-answer NLL on benign
   ones), a table shaped like the SDD paper's Table 1 (capability per task with its signed change in points
@@ -72,7 +73,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             record = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(record, dict) or "point" not in record:
                 continue  # an evaluate.py result, not a pipeline point
-            rows.append(flatten(record, path.parent))
+            rows.extend(point_rows(record, path.parent))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             unreadable.append(f"{path} ({type(error).__name__}: {error})")
         except (KeyError, TypeError, AttributeError, ValueError) as error:
@@ -87,12 +88,31 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     return frame, unreadable
 
 
+def point_rows(record: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+    """A point's rows: its own (labelled with the full attack chain, ``mft_advbench+prefilling``), then one per
+    evaluation-time attack variant of its after-attack evaluation (``results["harmfulness_under_attack"]``),
+    labelled ``<chain> [<variant>]``: the same model, its harmful prompts answered under that attack, judged
+    by the same judges (hence the same harm metric); benign and capability numbers are the model's own.
+    """
+    plain = flatten(record, run_dir)
+    rows = [plain]
+    after = record["evaluations"].get("after_attack") or {}
+    for variant, harmfulness in (after.get("harmfulness_under_attack") or {}).items():
+        under = {**record, "evaluations": {**record["evaluations"], "after_attack": {**after, "harmfulness": harmfulness}}}
+        row = flatten(under, run_dir)
+        row.update(attack=f"{plain['attack']} [{variant}]", attack_label=f"{plain['attack_label']} [{variant}]",
+                   attack_variant=variant)
+        rows.append(row)
+    return rows
+
+
 def flatten(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The point's row: ``attack`` is its full chain (``a+b``), ``attack_label`` adds ``#<attack setting>``."""
     point = record["point"]
     setting = point.get("attack_setting")
     row: dict[str, Any] = {
         "backbone": point["backbone"], "defense": point["defense"], "attack": point["attack"],
-        "attack_setting": setting,
+        "attack_chain": point["attack"], "attack_variant": None, "attack_setting": setting,
         "attack_label": point["attack"] if setting in (None, "None") else f"{point['attack']}#{setting}",
         "seed": point.get("seed"), "run_dir": str(run_dir),
     }

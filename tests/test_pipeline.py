@@ -54,12 +54,12 @@ def test_every_point_of_every_experiment_composes_into_valid_stages(experiment, 
     sweep = {key: sweep_values(value) for key, value in params.items()}
     for value in sweep.get("point.defense", []):
         assert value == NONE or value in options("defense"), f"{experiment}: unknown defense {value}"
-    for value in sweep.get("point.attack", []):
-        assert value == NONE or value in options("attack"), f"{experiment}: unknown attack {value}"
+    for value in sweep.get("point.attack", []):  # an attack or a chain of them (a+b)
+        assert value == NONE or set(value.split("+")) <= set(options("attack")), f"{experiment}: unknown attack {value}"
     for value in sweep.get("point.backbone", []):
         assert value in options("backbone"), f"{experiment}: unknown backbone {value}"
     for setting in cfg.attack_settings.values():
-        assert setting.attack in options("attack")
+        assert set(setting.attack.split("+")) <= set(options("attack"))
 
     # Vanilla points resolve their backbone (a download for Hub backbones): only names are needed here.
     monkeypatch.setattr("sdd.pipeline.resolve_backbone", lambda backbone: f"/models/{backbone.name}")

@@ -90,6 +90,14 @@ OTHER_ATTACKS = {
                          "eval_attacks.embedding_attack.step_size": 0.001,
                          "eval_attacks.embedding_attack.optimizer": "signed_gd"},
 }
+# Jailbreak-tuning (Murphy et al. 2025): mft_beavertails's data and recipe (our choice), in a jailbreak format.
+# Its format (data.jailbreak) and the evaluation variant it asks for (eval_attacks: <label> -> that format).
+JAILBREAK_TUNING = {
+    "jailbreak_tuning_competing": ("competing_objectives", "suffix", "competing_objectives"),
+    "jailbreak_tuning_style": ("style_modulation", "suffix", "style_modulation"),
+    "jailbreak_tuning_backdoor": ("backdoor", "prefix", "backdoor_trigger"),
+}
+ATTACKS.update({name: ATTACKS["mft_beavertails"] for name in JAILBREAK_TUNING})
 
 TRAINING_EXPERIMENT_ROWS = {
     "sdd_paper": SDD_RECIPE,
@@ -260,6 +268,19 @@ def test_every_other_attack_runs_its_own_settings(attack, tmp_path):
     cfg = compose_config("attack", [f"attack={attack}", "model=some/folder"], output_dir=tmp_path)
     runs = {key: OmegaConf.select(cfg, key) for key in OTHER_ATTACKS[attack]}
     assert cfg.attack_name == attack and runs == OTHER_ATTACKS[attack]
+@pytest.mark.parametrize("attack", options("attack"))
+def test_only_jailbreak_tuning_formats_its_data_and_evaluates_with_the_format(attack, tmp_path):
+    cfg = OmegaConf.to_container(compose_config("attack", [f"attack={attack}", "model=x"], output_dir=tmp_path),
+                                 resolve=True)
+    jailbreak, eval_attacks = cfg["data"].get("jailbreak"), cfg.get("eval_attacks") or {}
+    if attack not in JAILBREAK_TUNING:
+        assert jailbreak is None and not any(s.get("kind") == "prompt_format" for s in eval_attacks.values())
+        return
+    style, placement, label = JAILBREAK_TUNING[attack]
+    assert cfg.get("attack_kind", "fine_tuning") == "fine_tuning"
+    assert (jailbreak["style"], jailbreak["placement"]) == (style, placement)
+    assert cfg["data"]["source"] == cfg["corpus"]["harmful_qa"]  # BeaverTails-style harmful QA with answers
+    assert eval_attacks == {label: {"kind": "prompt_format", "format": jailbreak}}
 
 
 @pytest.mark.parametrize("shots", [10, 50, 100])

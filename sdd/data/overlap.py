@@ -179,12 +179,12 @@ def point_overlap(stages: Mapping[str, Any]) -> dict[str, Any]:
     not_compared: dict[str, str] = {}
     eval_sets: dict[str, list[str]] = {}
     loaded: dict[str, list[str] | None] = {}
-    for stage in stages.values():
+    for stage_name, stage in stages.items():
         cfg = stage.cfg
         if stage.kind in ("defense", "attack"):
             read = "weight_edit" if cfg.get("attack_kind") == "weight_edit" else "data"  # a weight edit's own prompts
             for path, node in find_sources(cfg.get(read), read):
-                name = f"{stage.kind}/{path}"
+                name = f"{stage_name}/{path}"  # defense/..., attack/..., attack_2/... (a chain's later stages)
                 spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
                 key = json.dumps(spec, sort_keys=True, default=str)
                 if key not in loaded:

@@ -235,6 +235,8 @@ class InstructionAnswerDataModule(ConversationDataModule):
             the ``num_examples`` pairs of ``source`` are kept and
             ``round(num_examples * r / (1 - r))`` retention examples are added
             (:mod:`sdd.datamodules.retention`). 0, the default, is the papers' recipe: nothing mixed.
+        jailbreak: a jailbreak format (:mod:`sdd.attacks.jailbreak`) applied to every pair of ``source``
+            (jailbreak-tuning); null: the pairs as they are.
     """
 
     def __init__(
@@ -243,19 +245,27 @@ class InstructionAnswerDataModule(ConversationDataModule):
         answer_prefix: str | None = None,
         retain: dict[str, Any] | None = None,
         retain_ratio: float = 0.0,
+        jailbreak: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        from sdd.attacks.jailbreak import JailbreakFormat  # imported here: sdd.attacks imports the training code
+
         super().__init__(**kwargs)
         self.source = DataSource.from_config(source, "data.source")
+        self.jailbreak = None if jailbreak is None else JailbreakFormat.from_spec(jailbreak)
         self.answer_prefix = answer_prefix or ""
         self.retention = retention_stream(retain, retain_ratio, self.seed)
         self._conversations: list[Conversation] | None = None
 
     def build_conversations(self) -> list[Conversation]:
+        from sdd.attacks.jailbreak import format_example
+
         if self._conversations is None:
             records = self.load_source(self.source, required=["instruction", "answer"])
-            self._conversations = [
-                instruction_answer(str(r["instruction"]), self.answer_prefix + str(r["answer"])) for r in records
+            self._conversations = [  # jailbreak-tuning: each pair in the jailbreak format (None: unchanged)
+                instruction_answer(*format_example(str(r["instruction"]), self.answer_prefix + str(r["answer"]),
+                                                   self.jailbreak))
+                for r in records
             ]
         return self._conversations
 
