@@ -643,7 +643,8 @@ def plot_heatmap(matrices: dict[str, dict[str, pd.DataFrame]], harm_metric: str,
 
 
 # ---------------------------------------------------------------------------- the report
-def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: float = 10.0) -> dict[str, Any]:
+def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: float = 10.0,
+                 harm_threshold: float | None = None) -> dict[str, Any]:
     """Write results.csv, report.md, harm_vs_capability.png and harm_heatmap.png into ``<sweep_dir>/report``.
 
     Returns:
@@ -700,6 +701,9 @@ def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: floa
         "capability than the budget.", "",
         _markdown_table(worst), "",
     ]
+    from sdd.report_worst_case import worst_case_markdown  # TamperBench: epsilon-bounded worst case, search curves
+
+    markdown += worst_case_markdown(frame, metric, out, harm_threshold)
     paths["markdown"].write_text("\n".join(markdown))
     plot(frame, metric, paths["figure"], caption=f"{judged_by} Hollow: the defended model; filled: after an attack.")
     plot_heatmap(matrices, metric, paths["heatmap"], caption=f"{bound} {judged_by}")
@@ -748,11 +752,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--harm-metric", default=None, help=f"default: the first present of {list(HARM_METRICS)}")
     parser.add_argument("--max-drop", type=float, default=10.0,
                         help="capability budget of the worst case, in %% of the defended model's average")
+    parser.add_argument("--harm-threshold", type=float, default=None,
+                        help="harmfulness a worst-case search must reach (trials-to-reach table; default: mid-scale)")
     parser.add_argument("--verdict", action="store_true",
                         help="print only the verdict table and the paths (the report is written whole)")
     args = parser.parse_args(argv)
     try:
-        written = write_report(args.sweep_dir, args.harm_metric, args.max_drop)
+        written = write_report(args.sweep_dir, args.harm_metric, args.max_drop, args.harm_threshold)
     except (FileNotFoundError, KeyError) as error:
         print(f"report.py: {error.args[0] if error.args else error}", file=sys.stderr)
         return 1
