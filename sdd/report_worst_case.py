@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -181,11 +182,11 @@ def worst_case_markdown(frame: pd.DataFrame, harm_metric: str, out_dir: Path, th
     sources = sorted(settings["capability_source"].dropna().unique())
     lines = [
         "## Worst case within a capability budget (TamperBench)", "",
-        f"Per defense and epsilon: the highest {label} over every attack and setting whose capability dropped by at "
-        f"most epsilon % of the defended model's (within: settings within / settings measured), the attack that "
-        f"reached it, and the mean of the top {TOP_K} within the bound. Capability: "
-        f"{'; '.join(sources) or 'none measured'} (sdd.worst_case.capability_score); settings without it are "
-        f"counted as unmeasured and left out. {judge_caption(frame, harm_metric)}", "",
+        (f"Per defense and epsilon: the highest {label} over every attack and setting whose capability dropped by at "
+         f"most epsilon % of the defended model's (within: settings within / settings measured), the attack that "
+         f"reached it, and the mean of the top {TOP_K} within the bound. Capability: "
+         f"{'; '.join(sources) or 'none measured'} (sdd.worst_case.capability_score); settings without it are "
+         f"counted as unmeasured and left out. {judge_caption(frame, harm_metric)}"), "",
         _markdown_table(epsilon_table(settings)), "",
     ]
     threshold = default_threshold(harm_metric) if threshold is None else threshold
@@ -197,7 +198,7 @@ def worst_case_markdown(frame: pd.DataFrame, harm_metric: str, out_dir: Path, th
                    f"{judge_caption(frame, harm_metric)}")
         plot_search_curves(curves, harm_metric, threshold, path, caption)
         lines += [f"## Worst-case search: trials to reach {label} >= {threshold:g} ({CURVE_FIGURE})", "",
-                  "Per search (a worst_case sweep folder): trials run, its bound, the best admissible "
-                  f"{label}, and the number of trials after which the best reached the threshold "
-                  "(report.py --harm-threshold).", "", _markdown_table(summary), ""]
+                  ("Per search (a worst_case sweep folder): trials run, its bound, the best admissible "
+                   f"{label}, and the number of trials after which the best reached the threshold "
+                   "(report.py --harm-threshold)."), "", _markdown_table(summary), ""]
     return lines

@@ -28,12 +28,16 @@ import logging
 import math
 import shlex
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import optuna
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from hydra_plugins.hydra_optuna_sweeper._impl import (
+    OptunaSweeperImpl,
+    create_params_from_overrides,
+)
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -51,6 +55,11 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
     ``hydra_plugins.sdd_worst_case_sweeper.ResumableOptunaSweeper``."""
 
     def sweep(self, arguments: list[str]) -> None:
+        from sdd.cli import user_errors
+
+        user_errors(self._sweep)(arguments)  # a fixable failure (another search in the folder): one line naming the fix
+
+    def _sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
         self._process_searchspace_config()
         distributions, fixed = create_params_from_overrides([*self._parse_sweeper_params_config(), *arguments])
@@ -82,7 +91,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             if raised / len(returns) > self.max_failure_rate:
                 log.error("%d of %d trial(s) raised (max_failure_rate=%g)", raised, len(returns), self.max_failure_rate)
                 for job in returns:
-                    job.return_value  # re-raises the job's exception with its traceback
+                    _ = job.return_value  # re-raises the job's exception with its traceback
             to_go -= len(batch)
         write_best(study, fixed, sweep_dir)
 

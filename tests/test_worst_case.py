@@ -13,11 +13,10 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 from sdd.worst_case import capability_drop, capability_score, harm_value, score_trial
-
-from conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,9 +86,8 @@ def test_the_search_reaches_the_attack_stage_and_a_dropped_entry_is_refused(tmp_
 
 
 def test_the_sweep_folder_and_study_are_fixed_per_backbone_and_defense(tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("pipeline", [f"paths.log_dir={tmp_path}", "experiment=worst_case", "point.defense=seam"],
@@ -98,8 +96,8 @@ def test_the_sweep_folder_and_study_are_fixed_per_backbone_and_defense(tmp_path)
     assert cfg.hydra.sweep.dir == f"{tmp_path}/worst_case/smollm2_135m_instruct/seam"
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"  # the trial's number (the sweeper numbers jobs so)
     assert (sweeper._target_, sweeper.storage, sweeper.study_name, sweeper.direction, sweeper.n_jobs) == (
-        "hydra_plugins.sdd_worst_case_sweeper.ResumableOptunaSweeper", f"sqlite:///{tmp_path}/worst_case/"
-        "smollm2_135m_instruct/seam/optuna.db", "search", "maximize", 1)
+        "hydra_plugins.sdd_worst_case_sweeper.ResumableOptunaSweeper",
+        f"sqlite:///{tmp_path}/worst_case/smollm2_135m_instruct/seam/optuna.db", "search", "maximize", 1)
     assert (sweeper.sampler._target_, sweeper.sampler.seed) == ("optuna.samplers.TPESampler", 0)
     assert dict(sweeper.params) == {
         "search.lr": "tag(log, interval(1e-5, 5e-4))", "search.epochs": "choice(1, 2, 3, 5)",
@@ -187,6 +185,7 @@ def test_a_search_resumes_counts_finished_trials_and_reruns_an_interrupted_one(t
     stub.interrupt = True
     with pytest.raises(KeyboardInterrupt):
         run_sweep(tmp_path, "hydra.sweeper.n_trials=4")
+    assert {t.state for t in study.trials[:3]} == {optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE}
     killed = load_study(sweep_dir).trials[3]
     assert killed.state == optuna.trial.TrialState.RUNNING
     stub.interrupt = False
@@ -211,11 +210,17 @@ def test_a_search_resumes_counts_finished_trials_and_reruns_an_interrupted_one(t
     assert rerun.point.backbone == "tiny_llama" and rerun.point.defense == "sdd"
 
 
-def test_a_resumed_study_with_another_search_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr("sdd.pipeline.run_pipeline", StubPoints())
+def test_a_resumed_study_with_another_search_is_refused(tmp_path, monkeypatch, capsys):
+    stub = StubPoints()
+    monkeypatch.setattr("sdd.pipeline.run_pipeline", stub)
     run_sweep(tmp_path, "hydra.sweeper.n_trials=1")
-    with pytest.raises(SystemExit):  # user_errors: one line naming the fix
+    with pytest.raises(SystemExit):
         run_sweep(tmp_path, "hydra.sweeper.n_trials=2", "search.max_capability_drop=50")
+    error = capsys.readouterr().err
+    assert "was started with another search (differs in: max_capability_drop, search.max_capability_drop)" in error
+    assert "Traceback" not in error
+    assert "Fix: run the same command to resume it, or give the new search its own folder" in error
+    assert len(stub.calls) == 1
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -235,9 +240,8 @@ def write_point(folder: Path, defense: str, attack: str, harm: float, acc_after:
 
 
 def test_the_report_bounds_the_worst_case_by_epsilon_and_counts_trials_to_a_harm_level(tmp_path):
-    from sdd.report import write_report
+    from sdd.report import collect, write_report
     from sdd.report_worst_case import epsilon_table, search_curves, settings_frame
-    from sdd.report import collect
 
     sweep = tmp_path / "worst_case"
     # SDD's search: trial (harm, capability drop %) = 0: (2.0, 4%), 1: (4.5, 30%: over 10), 3: (3.0, 8%),
@@ -275,10 +279,10 @@ def test_the_report_bounds_the_worst_case_by_epsilon_and_counts_trials_to_a_harm
 
 
 # ---------------------------------------------------------------------------------------------- the real sweep
-TINY = ['stages.overrides.defense=["data.num_examples=16","data.batch_size=8","data.max_length=64",'
-        '"trainer.max_steps=2","trainer.max_epochs=-1","sample_prompts=null"]',
-        'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=3","eval.harmfulness.max_new_tokens=4",'
-        '"eval.capability.enabled=true"]',
+TINY = [('stages.overrides.defense=["data.num_examples=16","data.batch_size=8","data.max_length=64",'
+         '"trainer.max_steps=2","trainer.max_epochs=-1","sample_prompts=null"]'),
+        ('stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=3","eval.harmfulness.max_new_tokens=4",'
+         '"eval.capability.enabled=true"]'),
         "search.num_examples=choice(10,20)", "search.epochs=choice(1,2)",
         "search.adapter=choice(full,lora_r4)"]
 
@@ -290,10 +294,10 @@ def test_a_three_trial_tiny_sweep_resumes_and_its_report_prints_the_bounded_tabl
     base = [sys.executable, "pipeline.py", "-m", "experiment=worst_case", "point.backbone=tiny_llama",
             "point.defense=sdd", f"paths.log_dir={tmp_path / 'logs'}", *TINY]
     first = subprocess.run([*base, "hydra.sweeper.n_trials=2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+                           timeout=600, check=False)
     assert first.returncode == 0, first.stderr[-3000:]
     second = subprocess.run([*base, "hydra.sweeper.n_trials=3"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, check=False)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "2 trial(s) finished, 1 to run (n_trials=3)" in second.stdout + second.stderr
     sweep_dir = tmp_path / "logs" / "worst_case" / "tiny_llama" / "sdd"
@@ -304,7 +308,7 @@ def test_a_three_trial_tiny_sweep_resumes_and_its_report_prints_the_bounded_tabl
         json.loads((sweep_dir / str(n) / "objective.json").read_text())["admissible"] for n in range(3))
 
     report = subprocess.run([sys.executable, "report.py", str(sweep_dir)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, check=False)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "Worst case within a capability budget (TamperBench)" in report.stdout
     for epsilon in ("5", "10", "20", "50"):

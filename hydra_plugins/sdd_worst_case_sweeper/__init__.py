@@ -3,7 +3,7 @@
 The implementation (and optuna) is imported when the sweeper is built, not when Hydra scans its plugins.
 """
 
-from typing import Any, List
+from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -21,5 +21,5 @@ class ResumableOptunaSweeper(Sweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         return self.sweeper.sweep(arguments)
