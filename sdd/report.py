@@ -13,7 +13,10 @@
 - ``harm_vs_capability.png``: harmfulness against average capability (the benign reference NLL when no
   capability was measured), each defense with its own colour and marker, as in SEAM's Figure 2;
 - ``harm_heatmap.png``: the defense x attack harmfulness matrix, worst case under the capability bound
-  per cell (the field's standard figure).
+  per cell (the field's standard figure);
+- TamperBench's sections (:mod:`sdd.report_worst_case`): the worst case and top-3 mean within a capability
+  drop of 5 / 10 / 20 / 50 %, and for ``experiment=worst_case`` searches ``search_curve.png`` (best-so-far
+  harmfulness per trial) with the trials needed to reach ``harm_threshold``.
 
 The harm column is a judge's metric when one ran; otherwise it is the offline ``on_topic_compliance``,
 labelled "(proxy)" everywhere and announced in the header and in every figure's caption: it measures
