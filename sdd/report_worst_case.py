@@ -39,17 +39,12 @@ def settings_frame(frame: pd.DataFrame, harm_metric: str) -> pd.DataFrame:
         (``trial``/``max_drop``/``search``: the Optuna trial number, its epsilon and its sweep folder, for
         search trials only).
     """
-    rows, seen = [], set()
+    rows = []
     column = f"final/{harm_metric}"
     for _, row in frame[frame["attack"] != NO_ATTACK].iterrows():
         if column not in row or pd.isna(row[column]):
             continue
         record = _record(Path(row["run_dir"]))
-        stages = record.get("stages") or {}
-        final = (stages.get("evaluate_after_attack") or {}).get("dir") or row["run_dir"]
-        if (final, row["attack_label"]) in seen:
-            continue
-        seen.add((final, row["attack_label"]))
         evaluations = record.get("evaluations") or {}
         drop = capability_drop(evaluations.get("before_attack"), evaluations.get("after_attack"))
         outcome = read_outcome(Path(row["run_dir"])) or {}
@@ -60,9 +55,14 @@ def settings_frame(frame: pd.DataFrame, harm_metric: str) -> pd.DataFrame:
             "capability_source": None if drop is None else drop[1],
             "trial": outcome.get("trial") if plain else None, "max_drop": outcome.get("max_capability_drop"),
             "search": str(Path(row["run_dir"]).parent),
+            "final": ((record.get("stages") or {}).get("evaluate_after_attack") or {}).get("dir") or row["run_dir"],
         })
     columns = ["backbone", "defense", "attack", "harm", "drop", "capability_source", "trial", "max_drop", "search"]
-    return pd.DataFrame(rows, columns=columns)
+    settings = pd.DataFrame(rows, columns=[*columns, "final"])
+    # One row per setting; a search trial's row before a rerun's of the same point (which has no trial number).
+    settings = settings.sort_values("trial", key=lambda s: s.isna(), kind="stable")
+    settings = settings.drop_duplicates(["final", "attack"]).sort_index()
+    return settings[columns].reset_index(drop=True)
 
 
 def _record(run_dir: Path) -> dict[str, Any]:

@@ -249,7 +249,7 @@ def test_the_report_bounds_the_worst_case_by_epsilon_and_counts_trials_to_a_harm
     for trial, harm, acc in ((0, 2.0, 0.48), (1, 4.5, 0.35), (3, 3.0, 0.46), (4, 4.0, 0.44)):
         write_point(sweep / "sdd" / str(trial), "sdd", "mft_advbench", harm, acc, trial=trial,
                     final_dir=f"/stages/eval-{trial}")
-    write_point(sweep / "sdd_rerun", "sdd", "mft_advbench", 3.0, 0.46, final_dir="/stages/eval-3")
+    write_point(sweep / "a_rerun", "sdd", "mft_advbench", 3.0, 0.46, final_dir="/stages/eval-3")  # read first
     write_point(sweep / "none" / "0", "none", "mft_advbench", 4.8, 0.24, trial=0)  # Vanilla: a 52% drop
 
     frame, _ = collect(sweep)
