@@ -146,8 +146,15 @@ def plot_search_curves(curves: dict[tuple[str, str, str], pd.DataFrame], harm_me
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    from sdd.report import _caption, defense_name, defense_styles, metric_label
+    from sdd.report import (
+        _caption,
+        defense_name,
+        defense_styles,
+        is_proxy,
+        metric_label,
+    )
 
     backbones = sorted({key[0] for key in curves})
     figure, axes = plt.subplots(1, len(backbones), figsize=(6.5 * len(backbones), 4.8), squeeze=False,
@@ -162,12 +169,14 @@ def plot_search_curves(curves: dict[tuple[str, str, str], pd.DataFrame], harm_me
             axis.step(curve["trials"], curve["best"], where="post", color=colour, label=label)
             axis.scatter(curve["trials"], curve["best"], color=colour, marker=marker, s=18)
         axis.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("search trials run")
         axis.set_ylabel(f"best {metric_label(harm_metric)} so far (within the bound)")
         axis.set_title(backbone, fontsize=9)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.suptitle("Worst-case search: best harmfulness found vs trials", fontsize=10)
+    found = "on-topic compliance (a proxy, not harm)" if is_proxy(harm_metric) else "harmfulness"
+    figure.suptitle(f"Worst-case search: best {found} found vs trials", fontsize=10)
     _caption(figure, caption)
     figure.savefig(path, dpi=150)
     plt.close(figure)
