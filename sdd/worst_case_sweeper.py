@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 BEST_OVERRIDES = "best_overrides.txt"
 INTERRUPTED = "interrupted"  # system attribute of a trial a kill left RUNNING
 SEARCH_ATTR = "search"       # study user attribute: the search it was started with
+ONE_PER_STUDY = ("point.backbone", "point.defense")  # what names the sweep folder: never a searched parameter
 
 
 class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
@@ -67,6 +68,11 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             distributions = {**self.search_space_distributions, **distributions}
         for name in fixed:
             distributions.pop(name, None)
+        mixed = sorted(set(distributions) & set(ONE_PER_STUDY))
+        if mixed:
+            raise UserError(f"{', '.join(mixed)} cannot be searched: one study is one backbone and defense, in the "
+                            "sweep folder named after them. Fix: run the command once per value "
+                            f"({mixed[0]}=<one value>).")
         if not isinstance(self.sampler, optuna.samplers.BaseSampler):  # the grid sampler is a partial until sweep
             raise UserError("hydra/sweeper=worst_case_optuna does not support the grid sampler: use "
                             "hydra/sweeper/sampler=tpe or random, or the basic sweeper for a grid.")

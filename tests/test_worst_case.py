@@ -139,7 +139,8 @@ def run_sweep(tmp_path: Path, *overrides: str) -> None:
     # pipeline.py's own main under Hydra, with the config folder given absolutely (imported, not run as a script).
     main = hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="pipeline")(pipeline.main.__wrapped__)
 
-    argv = ["pipeline.py", "-m", "experiment=worst_case", "point.backbone=tiny_llama", "point.defense=sdd",
+    argv = ["pipeline.py", "-m", "experiment=worst_case", "point.backbone=tiny_llama",
+            *([] if any(o.startswith("point.defense=") for o in overrides) else ["point.defense=sdd"]),
             f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}",
             "search.epochs=choice(1,2,3,5)", *overrides]
     GlobalHydra.instance().clear()
@@ -220,6 +221,10 @@ def test_a_resumed_study_with_another_search_is_refused(tmp_path, monkeypatch, c
     assert "was started with another search (differs in: max_capability_drop, search.max_capability_drop)" in error
     assert "Traceback" not in error
     assert "Fix: run the same command to resume it, or give the new search its own folder" in error
+    assert len(stub.calls) == 1
+    with pytest.raises(SystemExit):  # two defenses in one study (and one folder): refused before any trial
+        run_sweep(tmp_path, "point.defense=sdd,seam")
+    assert "point.defense cannot be searched: one study is one backbone and defense" in capsys.readouterr().err
     assert len(stub.calls) == 1
 
 
