@@ -14,7 +14,10 @@
 - ``harm_vs_capability.png``: harmfulness against average capability (the benign reference NLL when no
   capability was measured), each defense with its own colour and marker, as in SEAM's Figure 2;
 - ``harm_heatmap.png``: the defense x attack harmfulness matrix, worst case under the capability bound
-  per cell (the field's standard figure).
+  per cell (the field's standard figure);
+- TamperBench's sections (:mod:`sdd.report_worst_case`): the worst case and top-3 mean within a capability
+  drop of 5 / 10 / 20 / 50 %, and for ``experiment=worst_case`` searches ``search_curve.png`` (best-so-far
+  harmfulness per trial) with the trials needed to reach ``harm_threshold``.
 
 The harm column is a judge's metric when one ran; otherwise it is the offline ``on_topic_compliance``,
 labelled "(proxy)" everywhere and announced in the header and in every figure's caption: it measures
@@ -663,7 +666,8 @@ def plot_heatmap(matrices: dict[str, dict[str, pd.DataFrame]], harm_metric: str,
 
 
 # ---------------------------------------------------------------------------- the report
-def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: float = 10.0) -> dict[str, Any]:
+def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: float = 10.0,
+                 harm_threshold: float | None = None) -> dict[str, Any]:
     """Write results.csv, report.md, harm_vs_capability.png and harm_heatmap.png into ``<sweep_dir>/report``.
 
     Returns:
@@ -720,6 +724,9 @@ def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: floa
         "capability than the budget.", "",
         _markdown_table(worst), "",
     ]
+    from sdd.report_worst_case import worst_case_markdown  # TamperBench: epsilon-bounded worst case, search curves
+
+    markdown += worst_case_markdown(frame, metric, out, harm_threshold)
     paths["markdown"].write_text("\n".join(markdown))
     plot(frame, metric, paths["figure"], caption=f"{judged_by} Hollow: the defended model; filled: after an attack.")
     plot_heatmap(matrices, metric, paths["heatmap"], caption=f"{bound} {judged_by}")
@@ -768,11 +775,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--harm-metric", default=None, help=f"default: the first present of {list(HARM_METRICS)}")
     parser.add_argument("--max-drop", type=float, default=10.0,
                         help="capability budget of the worst case, in %% of the defended model's average")
+    parser.add_argument("--harm-threshold", type=float, default=None,
+                        help="harmfulness a worst-case search must reach (trials-to-reach table; default: mid-scale)")
     parser.add_argument("--verdict", action="store_true",
                         help="print only the verdict table and the paths (the report is written whole)")
     args = parser.parse_args(argv)
     try:
-        written = write_report(args.sweep_dir, args.harm_metric, args.max_drop)
+        written = write_report(args.sweep_dir, args.harm_metric, args.max_drop, args.harm_threshold)
     except (FileNotFoundError, KeyError) as error:
         print(f"report.py: {error.args[0] if error.args else error}", file=sys.stderr)
         return 1

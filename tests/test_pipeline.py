@@ -29,11 +29,14 @@ def pipeline_experiments() -> list[str]:
 
 
 def sweep_values(text: str) -> list[str]:
-    """The values of a sweep parameter: ``a,b,c`` or ``range(start,stop)``."""
-    if text.startswith("range("):
-        start, stop = (int(x) for x in text[len("range("):-1].split(","))
-        return [str(i) for i in range(start, stop)]
-    return [value.strip() for value in text.split(",")]
+    """The values of a sweep parameter as Hydra parses it: ``a,b,c``, ``choice(...)``, ``range(start,stop)``;
+    an Optuna interval (``tag(log, interval(lo, hi))``): its two ends."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    override = OverridesParser.create().parse_override(f"key={text}")
+    if override.is_interval_sweep():
+        return [str(override.value().start), str(override.value().end)]
+    return list(override.sweep_string_iterator())
 
 
 def point_config(tmp_path, cache_dir, *overrides, run="run"):

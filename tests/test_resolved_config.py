@@ -116,6 +116,17 @@ def seam_attack(examples: int, optimizer: str, lr: float, lora: bool = False) ->
                     schedule=COSINE, warmup=0.1, weight_decay=0.01, clip=None, lora=LORA_R8 if lora else None)
 
 
+def worst_case_attack(choice: dict[str, str]) -> dict[str, Any]:
+    """experiment=worst_case: the searched values reach the attack (mft_advbench, or its LoRA at the searched rank),
+    its length in epochs."""
+    adapter = choice["search.adapter"]
+    lora = None if adapter == "full" else int(adapter.removeprefix("lora_r"))
+    return {**ATTACKS["mft_advbench_lora" if lora else "mft_advbench"], "lr": float(choice["search.lr"]),
+            "epochs": int(choice["search.epochs"]), "steps": -1, "examples": int(choice["search.num_examples"]),
+            "optimizer": {"adamw": ADAMW, "sgd": SGD}[choice["search.optimizer"]],
+            "schedule": {"constant": CONSTANT, "cosine": COSINE}[choice["search.scheduler"]], "lora": lora}
+
+
 # Per pipeline experiment: the scale of its defense stages, each defense's and each attack's (or attack
 # setting's) intended values, and the capability tasks its evaluations run.
 PIPELINE = {
@@ -149,6 +160,12 @@ PIPELINE = {
         "defense": {"sdd": SDD_RECIPE, "sdd_reject": SDD_RECIPE},
         "attack": {"mft_beavertails": ATTACKS["mft_beavertails"]},
         "capability": set(),
+    },
+    "worst_case": {  # the attack: a function of the trial's search values (each sweep point's)
+        "scale": "cpu_demo",
+        "defense": {"sdd": {**DEFENSES["sdd"], **CPU_DEMO}},
+        "attack": worst_case_attack,
+        "capability": {"mmlu"},
     },
     "seam_grid": {
         "scale": "paper",
@@ -292,15 +309,16 @@ def test_a_k_shot_sweep_keeps_the_attacks_epochs(shots, tmp_path):
 # ---------------------------------------------------------------------------------------------- pipeline.py
 def sweep_points(experiment: str) -> list[dict[str, str]]:
     """Every value of every sweep parameter, the others at their first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     params = sweep_params(experiment)  # ${sdd.options:<group>} expanded, as Hydra's sweeper sees it
     sweep = {}
     for key, text in params.items():
-        text = str(text)
-        if text.startswith("range("):
-            start, stop = (int(x) for x in text[len("range("):-1].split(","))
-            sweep[key] = [str(i) for i in range(start, stop)]
-        else:
-            sweep[key] = [v.strip() for v in text.split(",")]
+        override = OverridesParser.create().parse_override(f"{key}={text}")
+        if override.is_interval_sweep():  # an Optuna search interval: its two ends
+            sweep[key] = [str(override.value().start), str(override.value().end)]
+        else:  # a,b,c / choice(...) / range(start,stop)
+            sweep[key] = list(override.sweep_string_iterator())
     first = {key: values[0] for key, values in sweep.items()}
     points = {tuple(sorted({**first, key: value}.items())) for key, values in sweep.items() for value in values}
     return [dict(p) for p in sorted(points)]
@@ -336,8 +354,9 @@ def test_every_stage_of_every_pipeline_experiment(experiment, tmp_path, monkeypa
             setting = point.point.get("attack_setting")
             attack = str(setting) if setting is not None else attack_choice(point)[0]
             assert attack != NONE
-            found = mismatches(running_values(stages["attack"].cfg),
-                               row(table["attack"], attack, f"{experiment} attack {attack}"))
+            intended_attack = table["attack"](choice) if callable(table["attack"]) else \
+                row(table["attack"], attack, f"{experiment} attack {attack}")
+            found = mismatches(running_values(stages["attack"].cfg), intended_attack)
             if found:
                 wrong[f"{name} attack"] = found
         for stage_name in ("evaluate_before_attack", "evaluate_after_attack"):
