@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from conftest import CONF_DIR, compose_config
 from sdd.conf_options import sweep_params
@@ -134,7 +134,8 @@ PIPELINE = {
         "scale": "cpu_demo",
         "defense": {d: {**row, **TINY_DEFENSE, **({"examples": TINY_EXAMPLES[d]} if d in TINY_EXAMPLES else {})}
                     for d, row in DEFENSES.items()},
-        "attack": {a: {**recipe, **TINY_ATTACK} for a, recipe in ATTACKS.items()},  # every attack: it discovers them
+        "attack": {**{a: {**recipe, **TINY_ATTACK} for a, recipe in ATTACKS.items()},  # every attack: it discovers them
+                   **OTHER_ATTACKS},  # a weight edit's or an evaluation-time attack's own settings
         "capability": {"mmlu"},
     },
     "quickstart": {  # SDD as train.py trains it; a short MFT: 48 prompts, batch 8, 128 tokens, 2 epochs
@@ -324,6 +325,11 @@ def sweep_points(experiment: str) -> list[dict[str, str]]:
     return [dict(p) for p in sorted(points)]
 
 
+def selected(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
 def capability_tasks(cfg: DictConfig) -> set[str]:
     capability = OmegaConf.to_container(cfg.eval.capability, resolve=True)
     return {name for name, source in capability["tasks"].items() if source} if capability["enabled"] else set()
@@ -350,9 +356,16 @@ def test_every_stage_of_every_pipeline_experiment(experiment, tmp_path, monkeypa
                                {**row(table["defense"], defense, f"{experiment} defense {defense}"), "scale": table["scale"]})
             if found:
                 wrong[f"{name} defense"] = found
-        if "attack" in stages:
-            setting = point.point.get("attack_setting")
-            attack = str(setting) if setting is not None else attack_choice(point)[0]
+        setting = point.point.get("attack_setting")
+        attack = str(setting) if setting is not None else attack_choice(point)[0]
+        if attack in OTHER_ATTACKS:  # no fine-tuning: its own settings, in the stage that runs them
+            intended_attack = row(table["attack"], attack, f"{experiment} attack {attack}")
+            stage = stages["attack"] if "attack" in stages else stages["evaluate_after_attack"]
+            keys = [k for k in intended_attack if "attack" in stages or k.startswith("eval_attacks.")]
+            found = mismatches({k: selected(stage.cfg, k) for k in keys}, {k: intended_attack[k] for k in keys})
+            if found:
+                wrong[f"{name} attack"] = found
+        elif "attack" in stages:
             assert attack != NONE
             intended_attack = table["attack"](choice) if callable(table["attack"]) else \
                 row(table["attack"], attack, f"{experiment} attack {attack}")
