@@ -6,7 +6,7 @@ STAMP := $(VENV)/.sdd-installed
 # The CPU build of torch lies on disk on our machines; elsewhere pip takes it from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install quickstart test test-all clean-cache
+.PHONY: install quickstart lint test test-all clean-cache
 
 install: $(STAMP)
 
@@ -26,10 +26,15 @@ $(STAMP): pyproject.toml | $(PY)
 quickstart: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) pipeline.py -m experiment=quickstart
 
-test: install
+# ruff (pyproject.toml [tool.ruff]): formatting and lint; `ruff format . && ruff check --fix .` repairs most.
+lint: install
+	$(PY) -m ruff format --check --quiet .
+	$(PY) -m ruff check --quiet .
+
+test: lint
 	$(PY) -m pytest -q
 
-test-all: install
+test-all: lint
 	$(PY) -m pytest -q -m "not gpu and not network"
 
 clean-cache:

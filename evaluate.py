@@ -1,4 +1,7 @@
-"""Evaluate a model's harmfulness, benign behaviour and capability.  python evaluate.py model=<folder or Hub id>  (conf/eval.yaml)."""
+"""Evaluate a model's harmfulness, benign behaviour and capability.
+
+python evaluate.py model=<folder or Hub id>  (conf/eval.yaml)
+"""
 
 import hydra
 from omegaconf import DictConfig

@@ -1,7 +1,7 @@
 """One point of a sweep: defense -> attack -> evaluate, reusing finished stages.  (conf/pipeline.yaml)
 
-    python pipeline.py -m experiment=tiny_matrix
-    python pipeline.py -m experiment=worst_case point.defense=sdd   # an Optuna search: returns its objective
+python pipeline.py -m experiment=tiny_matrix
+python pipeline.py -m experiment=worst_case point.defense=sdd   # an Optuna search: returns its objective
 """
 
 import hydra

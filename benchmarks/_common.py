@@ -29,13 +29,26 @@ def compose(overrides: Sequence[str], config_name: str = "train"):
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / f"{name}.json",
-                        help="where the JSON of the figures is written (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default: %(default)s; 0: torch's default, one per core). On a "
-                             "machine shared with other jobs, 2 threads on 2 cores ran 5-6x slower than 1")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra Hydra overrides of conf/train.yaml, e.g. paths.cache_dir=/tmp/cache")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS_DIR / f"{name}.json",
+        help="where the JSON of the figures is written (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default: %(default)s; 0: torch's default, one per core). On a "
+        "machine shared with other jobs, 2 threads on 2 cores ran 5-6x slower than 1",
+    )
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra overrides of conf/train.yaml, e.g. paths.cache_dir=/tmp/cache",
+    )
 
 
 def set_threads(threads: int) -> None:
@@ -79,8 +92,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
     print("  ".join("-" * w for w in widths))
     for row, raw in zip(cells, rows):
-        print("  ".join(c.rjust(w) if isinstance(v, (int, float)) else c.ljust(w)
-                        for c, v, w in zip(row, raw, widths)))
+        print("  ".join(c.rjust(w) if isinstance(v, (int, float)) else c.ljust(w) for c, v, w in zip(row, raw, widths)))
 
 
 def _format(value: Any) -> str:

@@ -44,8 +44,11 @@ def discover_defenses() -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny_llama", help="a conf/backbone option")
-    parser.add_argument("--defenses", default=None,
-                        help="comma-separated subset of conf/defense/ (default: all; sdd is always measured)")
+    parser.add_argument(
+        "--defenses",
+        default=None,
+        help="comma-separated subset of conf/defense/ (default: all; sdd is always measured)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="per stream")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per defense")
@@ -148,16 +151,25 @@ def measure(defense: str, args: argparse.Namespace, output_dir: Path) -> dict[st
     module = instantiate(cfg.module, backbone=backbone)
     timer = step_timer(args.warmup, args.steps)
     # max_steps sizes the defenses' schedules; the timer stops the run after warmup + steps batches.
-    trainer = instantiate(cfg.trainer, max_steps=args.warmup + args.steps, max_epochs=-1, callbacks=[timer],
-                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          default_root_dir=str(output_dir))
+    trainer = instantiate(
+        cfg.trainer,
+        max_steps=args.warmup + args.steps,
+        max_epochs=-1,
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(output_dir),
+    )
     try:
         trainer.fit(module, datamodule=datamodule)
     finally:
         timer.remove_hook()
     if len(timer.seconds) < args.steps:
-        raise RuntimeError(f"training stopped after {len(timer.seconds)} of {args.steps} timed steps "
-                           f"(global_step {trainer.global_step}: several optimizer steps per batch?)")
+        raise RuntimeError(
+            f"training stopped after {len(timer.seconds)} of {args.steps} timed steps "
+            f"(global_step {trainer.global_step}: several optimizer steps per batch?)"
+        )
     return {
         "module": cfg.module._target_,
         "data": cfg.data._target_,
@@ -205,48 +217,86 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row["relative_to_sft"] = row["mean_step_seconds"] / reference["mean_step_seconds"]
                 row["relative_to_sft_median"] = row["median_step_seconds"] / reference["median_step_seconds"]
                 row["relative_to_sft_per_sequence"] = row["relative_to_sft"] * (
-                    reference["sequences_per_step"] / row["sequences_per_step"])
+                    reference["sequences_per_step"] / row["sequences_per_step"]
+                )
             others[defense] = row
 
     measured = [r for r in references if "error" not in r]
     if measured:
         runs = [r["mean_step_seconds"] for r in measured]
-        reference_row = {**measured[0], "mean_step_seconds": statistics.fmean(runs),
-                         "median_step_seconds": statistics.median(r["median_step_seconds"] for r in measured),
-                         "runs_mean_step_seconds": runs, "relative_to_sft": 1.0, "relative_to_sft_median": 1.0,
-                         "relative_to_sft_per_sequence": 1.0}
+        reference_row = {
+            **measured[0],
+            "mean_step_seconds": statistics.fmean(runs),
+            "median_step_seconds": statistics.median(r["median_step_seconds"] for r in measured),
+            "runs_mean_step_seconds": runs,
+            "relative_to_sft": 1.0,
+            "relative_to_sft_median": 1.0,
+            "relative_to_sft_per_sequence": 1.0,
+        }
     else:
         reference_row = references[0]
     rows = {REFERENCE: reference_row, **others}
     results = {
         "benchmark": NAME,
         "description": f"mean wall time of one training step relative to plain SFT (defense={REFERENCE}), each "
-                       "defense against an SFT run measured right before it",
-        "settings": {"backbone": args.backbone, "batch_size_per_stream": args.batch_size,
-                     "max_length": args.max_length, "warmup_steps": args.warmup, "timed_steps": args.steps,
-                     "corpus": "demo", "torch_threads": torch.get_num_threads(), "overrides": args.override},
+        "defense against an SFT run measured right before it",
+        "settings": {
+            "backbone": args.backbone,
+            "batch_size_per_stream": args.batch_size,
+            "max_length": args.max_length,
+            "warmup_steps": args.warmup,
+            "timed_steps": args.steps,
+            "corpus": "demo",
+            "torch_threads": torch.get_num_threads(),
+            "overrides": args.override,
+        },
         "note": "multi-stream defenses draw one batch per stream each step (sequences_per_step); extra passes "
-                "(frozen references, simulated attacks) show in forward_passes_per_step, counted in warmup steps",
+        "(frozen references, simulated attacks) show in forward_passes_per_step, counted in warmup steps",
         "defenses": rows,
         "machine": info,
     }
 
-    print(f"\nStep cost relative to plain SFT (defense={REFERENCE}), {args.backbone}, batch {args.batch_size} per "
-          f"stream x <= {args.max_length} tokens, {args.steps} timed steps after {args.warmup} warmup")
+    print(
+        f"\nStep cost relative to plain SFT (defense={REFERENCE}), {args.backbone}, batch {args.batch_size} per "
+        f"stream x <= {args.max_length} tokens, {args.steps} timed steps after {args.warmup} warmup"
+    )
     table = []
     for name, row in rows.items():
         if "error" in row:
             table.append([name, None, None, None, None, None, None, None, f"ERROR: {row['error'][:80]}"])
         else:
-            table.append([name, row["mean_step_seconds"] * 1000, row.get("relative_to_sft"),
-                          row.get("relative_to_sft_median"), row["sequences_per_step"],
-                          row["tokens_per_step"], row["forward_passes_per_step"], row["sequences_forwarded_per_step"],
-                          row["module"].rsplit(".", 1)[-1]])
-    print_table(["defense", "ms/step (mean)", "x SFT (mean)", "x SFT (median)", "seqs/step", "tokens/step",
-                 "LM forwards/step", "seqs forwarded/step", "module"], table)
+            table.append(
+                [
+                    name,
+                    row["mean_step_seconds"] * 1000,
+                    row.get("relative_to_sft"),
+                    row.get("relative_to_sft_median"),
+                    row["sequences_per_step"],
+                    row["tokens_per_step"],
+                    row["forward_passes_per_step"],
+                    row["sequences_forwarded_per_step"],
+                    row["module"].rsplit(".", 1)[-1],
+                ]
+            )
+    print_table(
+        [
+            "defense",
+            "ms/step (mean)",
+            "x SFT (mean)",
+            "x SFT (median)",
+            "seqs/step",
+            "tokens/step",
+            "LM forwards/step",
+            "seqs forwarded/step",
+            "module",
+        ],
+        table,
+    )
     if measured:
-        print(f"{REFERENCE}: mean of {len(runs)} reference runs (one right before each defense, which is compared "
-              f"with it): " + ", ".join(f"{1000 * r:.1f}" for r in runs) + " ms/step")
+        print(
+            f"{REFERENCE}: mean of {len(runs)} reference runs (one right before each defense, which is compared "
+            f"with it): " + ", ".join(f"{1000 * r:.1f}" for r in runs) + " ms/step"
+        )
     print("Multi-stream defenses process several batches per step (seqs/step); forwards counted in warmup steps.")
     write_results(args.output, results)
     return results

@@ -41,8 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="the batched arm's batch size")
     parser.add_argument("--num-prompts", type=int, default=64, help="the first N harmful instructions (0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="interleaved rounds; the one-by-one arm answers 1/rounds of the prompts in each")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="interleaved rounds; the one-by-one arm answers 1/rounds of the prompts in each",
+    )
     add_common_arguments(parser, NAME)
     args = parser.parse_args(argv)
     if args.batch_size < 2 or args.max_new_tokens < 1 or args.num_prompts < 0 or args.rounds < 1:
@@ -74,13 +78,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def timed(indices: list[int], batch_size: int) -> tuple[dict[int, str], dict[str, Any]]:
         started = time.perf_counter()
-        token_ids = generate_token_ids(model, tokenizer, [prompts[i] for i in indices],
-                                       max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+        token_ids = generate_token_ids(
+            model, tokenizer, [prompts[i] for i in indices], max_new_tokens=args.max_new_tokens, batch_size=batch_size
+        )
         answers = {i: decode_answer(tokenizer, ids, stops) for i, ids in zip(indices, token_ids)}
         seconds = time.perf_counter() - started
         tokens = sum(len(ids) for ids in token_ids)
-        return answers, {"prompts": len(indices), "seconds": seconds, "generated_tokens": tokens,
-                         "tokens_per_second": tokens / seconds}
+        return answers, {
+            "prompts": len(indices),
+            "seconds": seconds,
+            "generated_tokens": tokens,
+            "tokens_per_second": tokens / seconds,
+        }
 
     # Warm both code paths up (allocator, first-call overheads) before timing.
     generate_token_ids(model, tokenizer, prompts[:2], max_new_tokens=4, batch_size=2)
@@ -101,29 +110,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 batched_rounds.append(answers)
         first = "one_by_one" if r % 2 == 0 else "batched"
-        rounds.append({"round": r + 1, "first": first, **figures,
-                       "speedup": figures["batched"]["tokens_per_second"] / figures["one_by_one"]["tokens_per_second"]})
+        rounds.append(
+            {
+                "round": r + 1,
+                "first": first,
+                **figures,
+                "speedup": figures["batched"]["tokens_per_second"] / figures["one_by_one"]["tokens_per_second"],
+            }
+        )
 
     def total(arm: str, batch_size: int) -> dict[str, Any]:
         seconds = sum(r[arm]["seconds"] for r in rounds)
         tokens = sum(r[arm]["generated_tokens"] for r in rounds)
         answered = sum(r[arm]["prompts"] for r in rounds)
-        return {"batch_size": batch_size, "prompts_answered": answered, "seconds": seconds, "generated_tokens": tokens,
-                "tokens_per_second": tokens / seconds, "prompts_per_second": answered / seconds}
+        return {
+            "batch_size": batch_size,
+            "prompts_answered": answered,
+            "seconds": seconds,
+            "generated_tokens": tokens,
+            "tokens_per_second": tokens / seconds,
+            "prompts_per_second": answered / seconds,
+        }
 
     runs = {"batch_1": total("one_by_one", 1), f"batch_{args.batch_size}": total("batched", args.batch_size)}
     mismatches = sorted({i for answers in batched_rounds for i in everything if answers[i] != one_by_one[i]})
-    rounds_disagree = sorted({i for answers in batched_rounds[1:] for i in everything
-                              if answers[i] != batched_rounds[0][i]})
+    rounds_disagree = sorted(
+        {i for answers in batched_rounds[1:] for i in everything if answers[i] != batched_rounds[0][i]}
+    )
     speedups = [r["speedup"] for r in rounds]
     results = {
         "benchmark": NAME,
         "description": "sdd.generation: batched vs one prompt at a time, greedy, interleaved rounds",
-        "settings": {"backbone": args.backbone, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                     "batch_size": args.batch_size, "rounds": args.rounds,
-                     "stop_tokens": tokenizer.convert_ids_to_tokens(stops),
-                     "prompt_source": cfg.corpus.harmful.name + " (" + str(cfg.corpus.harmful.path) + ")",
-                     "dtype": backbone.dtype, "torch_threads": torch.get_num_threads(), "overrides": args.override},
+        "settings": {
+            "backbone": args.backbone,
+            "prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "rounds": args.rounds,
+            "stop_tokens": tokenizer.convert_ids_to_tokens(stops),
+            "prompt_source": cfg.corpus.harmful.name + " (" + str(cfg.corpus.harmful.path) + ")",
+            "dtype": backbone.dtype,
+            "torch_threads": torch.get_num_threads(),
+            "overrides": args.override,
+        },
         "rounds": rounds,
         "runs": runs,
         "speedup_batched_over_batch_1": runs[f"batch_{args.batch_size}"]["tokens_per_second"]
@@ -133,26 +162,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mismatched_answers": len(mismatches),
         "mismatched_indices": mismatches,
         "batched_rounds_disagree": len(rounds_disagree),
-        "examples": [{"prompt": prompts[i], "batch_1": one_by_one[i], "batched": batched_rounds[0][i]}
-                     for i in mismatches[:3]],
+        "examples": [
+            {"prompt": prompts[i], "batch_1": one_by_one[i], "batched": batched_rounds[0][i]} for i in mismatches[:3]
+        ],
         "machine": info,
     }
 
-    print(f"\nGeneration throughput, {args.backbone}, {len(prompts)} prompts, greedy, "
-          f"max_new_tokens={args.max_new_tokens}, batch {args.batch_size}, {args.rounds} interleaved rounds")
-    print_table(["round", "first", "1-by-1 prompts", "1-by-1 s", "1-by-1 tok/s", "batched prompts", "batched s",
-                 "batched tok/s", "speed-up"],
-                [[r["round"], r["first"], r["one_by_one"]["prompts"], r["one_by_one"]["seconds"],
-                  r["one_by_one"]["tokens_per_second"], r["batched"]["prompts"], r["batched"]["seconds"],
-                  r["batched"]["tokens_per_second"], r["speedup"]] for r in rounds])
+    print(
+        f"\nGeneration throughput, {args.backbone}, {len(prompts)} prompts, greedy, "
+        f"max_new_tokens={args.max_new_tokens}, batch {args.batch_size}, {args.rounds} interleaved rounds"
+    )
+    print_table(
+        [
+            "round",
+            "first",
+            "1-by-1 prompts",
+            "1-by-1 s",
+            "1-by-1 tok/s",
+            "batched prompts",
+            "batched s",
+            "batched tok/s",
+            "speed-up",
+        ],
+        [
+            [
+                r["round"],
+                r["first"],
+                r["one_by_one"]["prompts"],
+                r["one_by_one"]["seconds"],
+                r["one_by_one"]["tokens_per_second"],
+                r["batched"]["prompts"],
+                r["batched"]["seconds"],
+                r["batched"]["tokens_per_second"],
+                r["speedup"],
+            ]
+            for r in rounds
+        ],
+    )
     print()
-    print_table(["run", "batch", "prompts answered", "seconds", "generated tokens", "tokens/s", "prompts/s"],
-                [[name, r["batch_size"], r["prompts_answered"], r["seconds"], r["generated_tokens"],
-                  r["tokens_per_second"], r["prompts_per_second"]] for name, r in runs.items()])
-    print(f"speed-up batched / one at a time (tokens/s, all rounds): {results['speedup_batched_over_batch_1']:.2f} "
-          f"(median round {results['speedup_median_round']:.2f})")
-    print(f"prompts whose batched answer differs from the one-by-one answer: {len(mismatches)} of {len(prompts)}; "
-          f"that differ between batched rounds: {len(rounds_disagree)}")
+    print_table(
+        ["run", "batch", "prompts answered", "seconds", "generated tokens", "tokens/s", "prompts/s"],
+        [
+            [
+                name,
+                r["batch_size"],
+                r["prompts_answered"],
+                r["seconds"],
+                r["generated_tokens"],
+                r["tokens_per_second"],
+                r["prompts_per_second"],
+            ]
+            for name, r in runs.items()
+        ],
+    )
+    print(
+        f"speed-up batched / one at a time (tokens/s, all rounds): {results['speedup_batched_over_batch_1']:.2f} "
+        f"(median round {results['speedup_median_round']:.2f})"
+    )
+    print(
+        f"prompts whose batched answer differs from the one-by-one answer: {len(mismatches)} of {len(prompts)}; "
+        f"that differ between batched rounds: {len(rounds_disagree)}"
+    )
     write_results(args.output, results)
     return results
 

@@ -50,18 +50,26 @@ DEFENSES = ("sdd", "sdd_reject", "safety_align")
 BENIGN_LIMIT_KEYS = ("max_prompts", "max_prompts_per_set", "limit")
 METRIC_SOURCES = {
     "harmful_irrelevant_rate": "results['harmfulness']['overall']['irrelevant_rate']: relevance judge "
-                               "(proxy: all-MiniLM-L6-v2 cosine of prompt and answer <= threshold)",
+    "(proxy: all-MiniLM-L6-v2 cosine of prompt and answer <= threshold)",
     "harmful_refusal_rate": "results['harmfulness']['overall']['refusal_rate']: refusal-keyword judge (proxy)",
     "benign_on_topic_rate": "results['benign']['overall']['on_topic_rate'] (eval.benign)",
     "benign_refusal_rate": "results['benign']['overall']['refusal_rate'] (eval.benign: over-refusal)",
     "benign_reference_nll": "results['benign']['overall']['reference_nll'] (eval.benign: mean answer-token NLL "
-                            "of the reference answers)",
+    "of the reference answers)",
 }
-COLUMNS = [("model", "model"), ("retain_ratio", "r"), ("retention_examples", "retain ex."),
-           ("defense_examples", "defense ex."), ("global_step", "steps"), ("train_loss", "loss"),
-           ("harmful_irrelevant_rate", "harm irrel. %"), ("harmful_refusal_rate", "harm refusal %"),
-           ("benign_on_topic_rate", "benign on-topic %"), ("benign_refusal_rate", "benign refusal %"),
-           ("benign_reference_nll", "benign ref. NLL")]
+COLUMNS = [
+    ("model", "model"),
+    ("retain_ratio", "r"),
+    ("retention_examples", "retain ex."),
+    ("defense_examples", "defense ex."),
+    ("global_step", "steps"),
+    ("train_loss", "loss"),
+    ("harmful_irrelevant_rate", "harm irrel. %"),
+    ("harmful_refusal_rate", "harm refusal %"),
+    ("benign_on_topic_rate", "benign on-topic %"),
+    ("benign_refusal_rate", "benign refusal %"),
+    ("benign_reference_nll", "benign ref. NLL"),
+]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,20 +80,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--defense", default="sdd", choices=DEFENSES)
     parser.add_argument("--ratios", default="0,0.1,0.25,0.5", help="comma-separated data.retain_ratio values")
     parser.add_argument("--steps", type=int, default=100, help="training steps at every ratio")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder laid out as conf/corpus/local.yaml says (default: the demo corpus, a smoke test)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder laid out as conf/corpus/local.yaml says (default: the demo corpus, a smoke test)",
+    )
     parser.add_argument("--num-examples", type=int, default=None, help="defense examples (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     parser.add_argument("--max-length", type=int, default=None, help="default: the config's")
     parser.add_argument("--lr", type=float, default=None, help="default: the config's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-prompts", type=int, default=40,
-                        help="evaluation prompts per harmful prompt set, and of the benign set (default: %(default)s)")
+    parser.add_argument(
+        "--max-prompts",
+        type=int,
+        default=40,
+        help="evaluation prompts per harmful prompt set, and of the benign set (default: %(default)s)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length at evaluation")
     parser.add_argument("--no-base", action="store_true", help="skip the untrained backbone's row")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep every run here (default: a temporary folder)")
-    parser.add_argument("--eval-override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra Hydra overrides of conf/eval.yaml, e.g. eval.judges.rubric.enabled=true")
+    parser.add_argument(
+        "--eval-override",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra overrides of conf/eval.yaml, e.g. eval.judges.rubric.enabled=true",
+    )
     add_common_arguments(parser, NAME)
     args = parser.parse_args(argv)
     try:
@@ -105,26 +126,45 @@ def corpus_overrides(data_dir: Path | None) -> list[str]:
 
 
 def train_config(args: argparse.Namespace, ratio: float, output_dir: Path):
-    sizes = {"data.num_examples": args.num_examples, "data.batch_size": args.batch_size,
-             "data.max_length": args.max_length, "optimizer.lr": args.lr}
-    return compose([
-        f"defense={args.defense}", f"backbone={args.backbone}", *corpus_overrides(args.data_dir),
-        f"seed={args.seed}", f"data.retain_ratio={ratio}", f"trainer.max_steps={args.steps}", "sample_prompts=null",
-        *[f"{key}={value}" for key, value in sizes.items() if value is not None],
-        f"paths.output_dir={output_dir}", *args.override,
-    ])
+    sizes = {
+        "data.num_examples": args.num_examples,
+        "data.batch_size": args.batch_size,
+        "data.max_length": args.max_length,
+        "optimizer.lr": args.lr,
+    }
+    return compose(
+        [
+            f"defense={args.defense}",
+            f"backbone={args.backbone}",
+            *corpus_overrides(args.data_dir),
+            f"seed={args.seed}",
+            f"data.retain_ratio={ratio}",
+            f"trainer.max_steps={args.steps}",
+            "sample_prompts=null",
+            *[f"{key}={value}" for key, value in sizes.items() if value is not None],
+            f"paths.output_dir={output_dir}",
+            *args.override,
+        ]
+    )
 
 
 def eval_config(args: argparse.Namespace, model: str | None, output_dir: Path, cache_dir: str):
     """conf/eval.yaml for ``model`` (a folder; None: the untrained ``--backbone``)."""
     from omegaconf import open_dict
 
-    cfg = compose([
-        f"model={model}" if model else f"backbone={args.backbone}", *corpus_overrides(args.data_dir),
-        f"seed={args.seed}", f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}",
-        f"eval.harmfulness.max_prompts_per_set={args.max_prompts}",
-        f"eval.harmfulness.max_new_tokens={args.max_new_tokens}", *args.eval_override,
-    ], config_name="eval")
+    cfg = compose(
+        [
+            f"model={model}" if model else f"backbone={args.backbone}",
+            *corpus_overrides(args.data_dir),
+            f"seed={args.seed}",
+            f"paths.output_dir={output_dir}",
+            f"paths.cache_dir={cache_dir}",
+            f"eval.harmfulness.max_prompts_per_set={args.max_prompts}",
+            f"eval.harmfulness.max_new_tokens={args.max_new_tokens}",
+            *args.eval_override,
+        ],
+        config_name="eval",
+    )
     benign = cfg.eval.get("benign")
     if benign is not None:
         with open_dict(benign):
@@ -140,11 +180,19 @@ def eval_config(args: argparse.Namespace, model: str | None, output_dir: Path, c
 
 
 def check_local_files(sources: Iterable[Mapping[str, Any] | None], data_dir: Path | None) -> None:
-    missing = [str(s["path"]) for s in sources if s is not None and s.get("path") and not str(s["path"]).startswith("demo:")
-               and not Path(str(s["path"])).expanduser().is_file()]
+    missing = [
+        str(s["path"])
+        for s in sources
+        if s is not None
+        and s.get("path")
+        and not str(s["path"]).startswith("demo:")
+        and not Path(str(s["path"])).expanduser().is_file()
+    ]
     if missing:
-        raise SystemExit(f"Data not found under {data_dir}: missing {', '.join(missing)}. Fix: pass --data-dir <folder> "
-                         "laid out as conf/corpus/local.yaml says, or override the sources with --override.")
+        raise SystemExit(
+            f"Data not found under {data_dir}: missing {', '.join(missing)}. Fix: pass --data-dir <folder> "
+            "laid out as conf/corpus/local.yaml says, or override the sources with --override."
+        )
 
 
 # ---------------------------------------------------------------------------- split overlap
@@ -155,8 +203,12 @@ def split_overlap(train_cfg, eval_cfg) -> dict[str, Any]:
 
     from sdd.data.overlap import point_overlap
 
-    return point_overlap({"defense": SimpleNamespace(kind="defense", cfg=train_cfg),
-                          "evaluate": SimpleNamespace(kind="evaluate", cfg=eval_cfg)})
+    return point_overlap(
+        {
+            "defense": SimpleNamespace(kind="defense", cfg=train_cfg),
+            "evaluate": SimpleNamespace(kind="evaluate", cfg=eval_cfg),
+        }
+    )
 
 
 def table_row(label: str, ratio: float | None, summary: Mapping[str, Any] | None, results: Mapping[str, Any]) -> dict:
@@ -167,22 +219,26 @@ def table_row(label: str, ratio: float | None, summary: Mapping[str, Any] | None
     if summary is not None:
         data = summary["data"]
         retention = data.get("retention", {})
-        row.update({
-            "retention_examples": retention.get("train_examples", 0),
-            "defense_examples": data["train_examples"] - retention.get("train_examples", 0),
-            "retention_source": retention.get("source"),
-            "global_step": summary["global_step"],
-            "train_loss": summary["metrics"].get("train/loss"),
-        })
-    row.update({
-        "harmful_prompts": harmful.get("num_prompts"),
-        "harmful_irrelevant_rate": harmful.get("irrelevant_rate"),
-        "harmful_refusal_rate": harmful.get("refusal_rate"),
-        "benign_prompts": benign.get("num_prompts"),
-        "benign_on_topic_rate": benign.get("on_topic_rate"),
-        "benign_refusal_rate": benign.get("refusal_rate"),
-        "benign_reference_nll": benign.get("reference_nll"),
-    })
+        row.update(
+            {
+                "retention_examples": retention.get("train_examples", 0),
+                "defense_examples": data["train_examples"] - retention.get("train_examples", 0),
+                "retention_source": retention.get("source"),
+                "global_step": summary["global_step"],
+                "train_loss": summary["metrics"].get("train/loss"),
+            }
+        )
+    row.update(
+        {
+            "harmful_prompts": harmful.get("num_prompts"),
+            "harmful_irrelevant_rate": harmful.get("irrelevant_rate"),
+            "harmful_refusal_rate": harmful.get("refusal_rate"),
+            "benign_prompts": benign.get("num_prompts"),
+            "benign_on_topic_rate": benign.get("on_topic_rate"),
+            "benign_refusal_rate": benign.get("refusal_rate"),
+            "benign_reference_nll": benign.get("reference_nll"),
+        }
+    )
     return row
 
 
@@ -203,8 +259,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     try:
         first = train_config(args, max(args.ratios), work_dir / "check")  # the retention source too
-        check_local_files([first.data.get("retain"), first.data.get("source"),
-                           *[node for _, node in find_sources(first.data.get("builder"), "builder")]], args.data_dir)
+        check_local_files(
+            [
+                first.data.get("retain"),
+                first.data.get("source"),
+                *[node for _, node in find_sources(first.data.get("builder"), "builder")],
+            ],
+            args.data_dir,
+        )
         cache_dir = str(first.paths.cache_dir)
         probe = eval_config(args, None, work_dir / "check", cache_dir)
         overlap = split_overlap(first, probe)
@@ -225,8 +287,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
 
-    print(f"\n{args.defense} on {args.backbone}, {args.steps} steps per ratio, "
-          f"{'corpus=local ' + str(args.data_dir) if args.data_dir else 'demo corpus'}:")
+    print(
+        f"\n{args.defense} on {args.backbone}, {args.steps} steps per ratio, "
+        f"{'corpus=local ' + str(args.data_dir) if args.data_dir else 'demo corpus'}:"
+    )
     print_table([title for _, title in COLUMNS], [[r.get(key) for key, _ in COLUMNS] for r in rows])
     results = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "output"},

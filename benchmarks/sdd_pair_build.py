@@ -38,8 +38,12 @@ TARGETS = {"small_vs_full_pool_embedding": 0.10, "second_vs_first": 0.05}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"),
-                        help="folder laid out as conf/corpus/local.yaml says (default: %(default)s)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("../shared/data"),
+        help="folder laid out as conf/corpus/local.yaml says (default: %(default)s)",
+    )
     parser.add_argument("--num-pairs", type=int, default=8000, help="pairs of the first and second builds")
     parser.add_argument("--small-pairs", type=int, default=400, help="pairs of the small build")
     add_common_arguments(parser, NAME)
@@ -84,11 +88,18 @@ def run_build(args, data_dir: Path, folder: Path, num_pairs: int, seed: int, emb
 
     from sdd.embeddings import SentenceEncoder
 
-    cfg = compose([
-        "corpus=local", f"paths.data_dir={data_dir}", f"data.num_examples={num_pairs}", f"seed={seed}",
-        f"data.builder.cache_dir={folder}/sdd_pairs", f"data.builder.embedding_cache={embedding_cache}",
-        f"paths.output_dir={folder}", *args.override,
-    ])
+    cfg = compose(
+        [
+            "corpus=local",
+            f"paths.data_dir={data_dir}",
+            f"data.num_examples={num_pairs}",
+            f"seed={seed}",
+            f"data.builder.cache_dir={folder}/sdd_pairs",
+            f"data.builder.embedding_cache={embedding_cache}",
+            f"paths.output_dir={folder}",
+            *args.override,
+        ]
+    )
     missing = [path for path in required_files(cfg) if not path.is_file()]
     if missing:
         raise SystemExit(
@@ -101,18 +112,29 @@ def run_build(args, data_dir: Path, folder: Path, num_pairs: int, seed: int, emb
     started = time.perf_counter()
     pairs, manifest = builder.build(encoder)
     seconds = time.perf_counter() - started
-    return {"pairs": pairs, "manifest": manifest, "seconds": seconds, "encoder_load_seconds": encoder.load_seconds,
-            "encoder_calls": encoder.calls, "builder": builder}
+    return {
+        "pairs": pairs,
+        "manifest": manifest,
+        "seconds": seconds,
+        "encoder_load_seconds": encoder.load_seconds,
+        "encoder_calls": encoder.calls,
+        "builder": builder,
+    }
 
 
 def summary(build: dict[str, Any]) -> dict[str, Any]:
     manifest = build["manifest"]
     return {
-        "num_pairs": manifest["num_pairs"], "seed": manifest["seed"], "seconds": round(build["seconds"], 3),
+        "num_pairs": manifest["num_pairs"],
+        "seed": manifest["seed"],
+        "seconds": round(build["seconds"], 3),
         "encoder_load_seconds": round(build["encoder_load_seconds"], 3),
         "seconds_without_encoder_load": round(build["seconds"] - build["encoder_load_seconds"], 3),
-        "phase_seconds": manifest["phase_seconds"], "embedding": manifest["embedding"],
-        "encoder_calls": build["encoder_calls"], "resamples": manifest["resamples"], "fallbacks": manifest["fallbacks"],
+        "phase_seconds": manifest["phase_seconds"],
+        "embedding": manifest["embedding"],
+        "encoder_calls": build["encoder_calls"],
+        "resamples": manifest["resamples"],
+        "fallbacks": manifest["fallbacks"],
         "similarity_max": manifest["similarity"]["max"],
     }
 
@@ -135,53 +157,85 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pool = first["manifest"]["answers_available"]
     pool_calls = [call for call in first["encoder_calls"] if call["texts"] == pool]
     if not pool_calls:
-        raise SystemExit(f"The first build did not embed the whole pool of {pool} answers in one call (its calls: "
-                         f"{first['encoder_calls']}): raise --num-pairs or data.builder.embed_whole_pool_above.")
+        raise SystemExit(
+            f"The first build did not embed the whole pool of {pool} answers in one call (its calls: "
+            f"{first['encoder_calls']}): raise --num-pairs or data.builder.embed_whole_pool_above."
+        )
     full_pool_seconds = pool_calls[0]["seconds"]
     ratios = {
         "small_vs_full_pool_embedding": small["seconds"] / full_pool_seconds,
-        "small_without_encoder_load_vs_full_pool_embedding":
-            (small["seconds"] - small["encoder_load_seconds"]) / full_pool_seconds,
+        "small_without_encoder_load_vs_full_pool_embedding": (small["seconds"] - small["encoder_load_seconds"])
+        / full_pool_seconds,
         "second_vs_first": second["seconds"] / first["seconds"],
     }
     results = {
         "benchmark": NAME,
         "description": "SDDPairBuilder with answers embedded as drawn and the shared embedding cache: a small "
-                       "build vs the full-pool embedding time, and a second build (another seed, warm cache) vs "
-                       "the first, in one run",
-        "settings": {"data_dir": str(data_dir), "num_pairs": args.num_pairs, "small_pairs": args.small_pairs,
-                     "encoder": first["builder"].encoder, "encoder_batch_size": first["builder"].encoder_batch_size,
-                     "embed_whole_pool_above": first["builder"].embed_whole_pool_above,
-                     "torch_threads": torch.get_num_threads(), "overrides": args.override},
+        "build vs the full-pool embedding time, and a second build (another seed, warm cache) vs "
+        "the first, in one run",
+        "settings": {
+            "data_dir": str(data_dir),
+            "num_pairs": args.num_pairs,
+            "small_pairs": args.small_pairs,
+            "encoder": first["builder"].encoder,
+            "encoder_batch_size": first["builder"].encoder_batch_size,
+            "embed_whole_pool_above": first["builder"].embed_whole_pool_above,
+            "torch_threads": torch.get_num_threads(),
+            "overrides": args.override,
+        },
         "answers_in_pool": pool,
         "harmful_instructions_available": first["manifest"]["harmful_instructions_available"],
         "full_pool_embedding_seconds": full_pool_seconds,
         "full_pool_texts_embedded_per_second": pool / full_pool_seconds,
-        "builds": {"small": summary(small), "first": summary(first), "second": summary(second),
-                   "first_again_from_cache": summary(again)},
+        "builds": {
+            "small": summary(small),
+            "first": summary(first),
+            "second": summary(second),
+            "first_again_from_cache": summary(again),
+        },
         "cached_rebuild_identical": again["pairs"] == first["pairs"],
         "ratios": ratios,
-        "targets": {name: {"limit": limit, "measured": ratios[name], "met": ratios[name] <= limit}
-                    for name, limit in TARGETS.items()},
+        "targets": {
+            name: {"limit": limit, "measured": ratios[name], "met": ratios[name] <= limit}
+            for name, limit in TARGETS.items()
+        },
         "machine": info,
     }
 
-    print(f"\nSDD pair builds from {data_dir}: {pool:,} answers in the pool, "
-          f"{results['harmful_instructions_available']} harmful instructions")
+    print(
+        f"\nSDD pair builds from {data_dir}: {pool:,} answers in the pool, "
+        f"{results['harmful_instructions_available']} harmful instructions"
+    )
     rows = []
     for name, build in (("small", small), ("first", first), ("second", second), ("first, from cache", again)):
         counts = build["manifest"]["embedding"]
-        rows.append([name, build["manifest"]["num_pairs"], build["manifest"]["seed"], build["seconds"],
-                     build["encoder_load_seconds"], counts["texts_embedded"], counts["texts_from_cache"],
-                     counts["answers_used"], "yes" if counts["whole_pool"] else "no"])
-    print_table(["build", "pairs", "seed", "seconds", "encoder load", "embedded", "from cache", "answers used",
-                 "whole pool"], rows)
-    print(f"\nfull-pool embedding (first build, one call of {pool:,} answers): {full_pool_seconds:,.1f} s "
-          f"({pool / full_pool_seconds:.1f} texts/s)")
+        rows.append(
+            [
+                name,
+                build["manifest"]["num_pairs"],
+                build["manifest"]["seed"],
+                build["seconds"],
+                build["encoder_load_seconds"],
+                counts["texts_embedded"],
+                counts["texts_from_cache"],
+                counts["answers_used"],
+                "yes" if counts["whole_pool"] else "no",
+            ]
+        )
+    print_table(
+        ["build", "pairs", "seed", "seconds", "encoder load", "embedded", "from cache", "answers used", "whole pool"],
+        rows,
+    )
+    print(
+        f"\nfull-pool embedding (first build, one call of {pool:,} answers): {full_pool_seconds:,.1f} s "
+        f"({pool / full_pool_seconds:.1f} texts/s)"
+    )
     for name, target in results["targets"].items():
         print(f"{name}: {target['measured']:.4f} (target <= {target['limit']}: {'met' if target['met'] else 'MISSED'})")
-    print(f"small build without the encoder's loading: {ratios['small_without_encoder_load_vs_full_pool_embedding']:.4f}"
-          f"; cached rebuild identical to the cold one: {results['cached_rebuild_identical']}")
+    print(
+        f"small build without the encoder's loading: {ratios['small_without_encoder_load_vs_full_pool_embedding']:.4f}"
+        f"; cached rebuild identical to the cold one: {results['cached_rebuild_identical']}"
+    )
     write_results(args.output, results)
     return results
 

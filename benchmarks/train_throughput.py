@@ -65,8 +65,13 @@ class Clock:
         tokens = sum(tokens_per_step[warmup : warmup + timed])
         step_seconds = [b - a for a, b in zip(self.ends[warmup - 1 : -1], self.ends[warmup:])]
         step_rates = [n / t for n, t in zip(tokens_per_step[warmup:], step_seconds)]
-        return {"timed_steps": timed, "tokens": tokens, "seconds": seconds, "step_seconds": step_seconds,
-                "step_tokens_per_second": step_rates}
+        return {
+            "timed_steps": timed,
+            "tokens": tokens,
+            "seconds": seconds,
+            "step_seconds": step_seconds,
+            "step_tokens_per_second": step_rates,
+        }
 
 
 def lightning_run(cfg, backbone, datamodule, num_steps: int, output_dir: Path) -> Clock:
@@ -85,8 +90,15 @@ def lightning_run(cfg, backbone, datamodule, num_steps: int, output_dir: Path) -
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = instantiate(cfg.module, backbone=backbone)
     logger = instantiate(cfg.logger, save_dir=str(output_dir)) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, max_steps=num_steps, callbacks=[StepClock()], logger=logger,
-                          enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(output_dir))
+    trainer = instantiate(
+        cfg.trainer,
+        max_steps=num_steps,
+        callbacks=[StepClock()],
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(output_dir),
+    )
     trainer.fit(module, datamodule=datamodule)
     del module, trainer
     gc.collect()
@@ -129,7 +141,8 @@ def hf_trainer_run(cfg, backbone, batches: list[dict[str, Any]], num_steps: int,
     if cfg.get("scheduler"):
         warmup = int(cfg.module.get("warmup_ratio", 0.0) * num_steps)
         scheduler = instantiate(cfg.scheduler)(
-            optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=num_steps)
+            optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=num_steps
+        )
     use_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -147,8 +160,9 @@ def hf_trainer_run(cfg, backbone, batches: list[dict[str, Any]], num_steps: int,
         dataloader_pin_memory=False,
         seed=cfg.seed,
     )
-    trainer = FixedBatchTrainer(model=model, args=args, train_dataset=FixedBatches(), optimizers=(optimizer, scheduler),
-                                callbacks=[StepClock()])
+    trainer = FixedBatchTrainer(
+        model=model, args=args, train_dataset=FixedBatches(), optimizers=(optimizer, scheduler), callbacks=[StepClock()]
+    )
     trainer.remove_callback(PrinterCallback)  # Lightning's progress bar is off too
     trainer.train()
     clock.batches = [fingerprint(b) for b in batches[:num_steps]]  # fed in this order by construction
@@ -169,10 +183,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_threads(args.threads)
     info = machine()
     with tempfile.TemporaryDirectory(prefix="sdd-bench-") as tmp:
-        cfg = compose([
-            f"backbone={args.backbone}", "defense=sdd", f"data.batch_size={args.batch_size}",
-            f"data.max_length={args.max_length}", f"paths.output_dir={tmp}", *args.override,
-        ])
+        cfg = compose(
+            [
+                f"backbone={args.backbone}",
+                "defense=sdd",
+                f"data.batch_size={args.batch_size}",
+                f"data.max_length={args.max_length}",
+                f"paths.output_dir={tmp}",
+                *args.override,
+            ]
+        )
         backbone = instantiate(cfg.backbone)
         tokenizer = backbone.load_tokenizer()
         datamodule = instantiate(cfg.data)
@@ -184,8 +204,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _ in range(num_steps):
             batch = next(loader_iter, None)
             if batch is None:
-                raise SystemExit(f"The data has fewer than {num_steps} batches: raise data.num_examples "
-                                 f"(--override data.num_examples=...) or lower --steps / --warmup.")
+                raise SystemExit(
+                    f"The data has fewer than {num_steps} batches: raise data.num_examples "
+                    f"(--override data.num_examples=...) or lower --steps / --warmup."
+                )
             batches.append(batch)
         tokens_per_step = [count_tokens(b) for b in batches]
 
@@ -226,17 +248,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": NAME,
         "description": "training tokens/s: SFTModule under a Lightning Trainer vs a plain transformers.Trainer",
         "settings": {
-            "backbone": args.backbone, "batch_size": args.batch_size, "max_length": args.max_length,
-            "warmup_steps_per_run": args.warmup, "timed_steps_per_run": steps_per_round, "rounds": args.rounds,
-            "optimizer": cfg.optimizer._target_, "lr": float(cfg.optimizer.lr),
-            "precision": cfg.trainer.precision, "gradient_clip_val": cfg.trainer.gradient_clip_val,
-            "torch_threads": torch.get_num_threads(), "overrides": args.override,
+            "backbone": args.backbone,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "warmup_steps_per_run": args.warmup,
+            "timed_steps_per_run": steps_per_round,
+            "rounds": args.rounds,
+            "optimizer": cfg.optimizer._target_,
+            "lr": float(cfg.optimizer.lr),
+            "precision": cfg.trainer.precision,
+            "gradient_clip_val": cfg.trainer.gradient_clip_val,
+            "torch_threads": torch.get_num_threads(),
+            "overrides": args.override,
         },
         "frameworks": frameworks,
         "ratio_ours_over_trainer": frameworks["ours"]["tokens_per_second"] / frameworks["trainer"]["tokens_per_second"],
         # Less sensitive to load spikes from other jobs: the ratio of the median per-step rates, and per round.
-        "ratio_ours_over_trainer_median_step": (frameworks["ours"]["median_step_tokens_per_second"]
-                                                / frameworks["trainer"]["median_step_tokens_per_second"]),
+        "ratio_ours_over_trainer_median_step": (
+            frameworks["ours"]["median_step_tokens_per_second"] / frameworks["trainer"]["median_step_tokens_per_second"]
+        ),
         "ratio_ours_over_trainer_per_round": [
             o["tokens_per_second"] / t["tokens_per_second"]
             for o, t in zip(frameworks["ours"]["rounds"], frameworks["trainer"]["rounds"])
@@ -246,20 +276,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": info,
     }
 
-    print(f"\nTraining throughput, {args.backbone}, batch {args.batch_size} x <= {args.max_length} tokens, "
-          f"{args.rounds} rounds x ({args.warmup} warmup + {steps_per_round} timed) steps per framework")
+    print(
+        f"\nTraining throughput, {args.backbone}, batch {args.batch_size} x <= {args.max_length} tokens, "
+        f"{args.rounds} rounds x ({args.warmup} warmup + {steps_per_round} timed) steps per framework"
+    )
     print_table(
         ["framework", "timed steps", "tokens", "seconds", "tokens/s", "s/step", "median step tokens/s"],
-        [[label, f["timed_steps"], f["tokens"], f["seconds"], f["tokens_per_second"], f["seconds_per_step"],
-          f["median_step_tokens_per_second"]]
-         for label, f in (("ours (SFTModule + Lightning)", frameworks["ours"]),
-                          ("transformers.Trainer", frameworks["trainer"]))],
+        [
+            [
+                label,
+                f["timed_steps"],
+                f["tokens"],
+                f["seconds"],
+                f["tokens_per_second"],
+                f["seconds_per_step"],
+                f["median_step_tokens_per_second"],
+            ]
+            for label, f in (
+                ("ours (SFTModule + Lightning)", frameworks["ours"]),
+                ("transformers.Trainer", frameworks["trainer"]),
+            )
+        ],
     )
-    print(f"ratio ours / Trainer (tokens/s): {results['ratio_ours_over_trainer']:.3f}; of the median step: "
-          f"{results['ratio_ours_over_trainer_median_step']:.3f}; per round: "
-          + ", ".join(f"{r:.3f}" for r in results["ratio_ours_over_trainer_per_round"]))
-    print(f"same batches in the same order: {same_batches}; max |loss difference| per step, round 1: "
-          f"{loss_gap if loss_gap is None else f'{loss_gap:.2e}'} (about 0 when both compute the same thing)")
+    print(
+        f"ratio ours / Trainer (tokens/s): {results['ratio_ours_over_trainer']:.3f}; of the median step: "
+        f"{results['ratio_ours_over_trainer_median_step']:.3f}; per round: "
+        + ", ".join(f"{r:.3f}" for r in results["ratio_ours_over_trainer_per_round"])
+    )
+    print(
+        f"same batches in the same order: {same_batches}; max |loss difference| per step, round 1: "
+        f"{loss_gap if loss_gap is None else f'{loss_gap:.2e}'} (about 0 when both compute the same thing)"
+    )
     write_results(args.output, results)
     return results
 

@@ -106,7 +106,9 @@ class Backbone:
         a missing folder for a malformed Hub id and an empty one for a tokenizer problem)."""
         text = str(self.name_or_path)
         folder = Path(text).expanduser()
-        fix = "Fix: model=<a folder holding config.json and weights, e.g. a run's model/ folder> (backbone.name_or_path)"
+        fix = (
+            "Fix: model=<a folder holding config.json and weights, e.g. a run's model/ folder> (backbone.name_or_path)"
+        )
         if not folder.exists():
             # A Hub id is `name` or `owner/name`; anything else is meant as a path on this machine.
             if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
@@ -250,8 +252,14 @@ class Backbone:
                 f"{folder} has config.json but no weights (*.safetensors or *.bin). Fix: point model= "
                 "(backbone.name_or_path) at a complete model folder, or re-run the training that writes it."
             )
-        damaged = [name for name in weights if name.endswith(".safetensors") and not _safetensors_readable(folder / name)]
-        where = f"{', '.join(damaged)} is damaged or incomplete" if damaged else f"its weights ({', '.join(weights)}) do not load"
+        damaged = [
+            name for name in weights if name.endswith(".safetensors") and not _safetensors_readable(folder / name)
+        ]
+        where = (
+            f"{', '.join(damaged)} is damaged or incomplete"
+            if damaged
+            else f"its weights ({', '.join(weights)}) do not load"
+        )
         return BackboneError(
             f"Could not load the model in {folder}: {where} ({type(error).__name__}: {str(error).splitlines()[0]}). "
             "Fix: copy the folder again (an interrupted copy or save truncates files), or re-run the training "

@@ -76,8 +76,11 @@ def encoder_identity(name_or_path: str) -> str:
     folder = Path(location)
     if not folder.is_dir():
         return f"hub:{location}|normalized"
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                             p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     version = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if version not in _FOLDER_DIGESTS:
         digest = hashlib.sha256()
@@ -140,12 +143,20 @@ class SentenceEncoder:
         model = self.load()._model
         chunks = []
         step = max(self.batch_size, 256)  # texts per encode call, for the progress bar
-        with tqdm(total=len(texts), desc=f"Embedding ({Path(self.name).name})", unit="text",
-                  disable=len(texts) < 512) as bar:
+        with tqdm(
+            total=len(texts), desc=f"Embedding ({Path(self.name).name})", unit="text", disable=len(texts) < 512
+        ) as bar:
             for start in range(0, len(texts), step):
                 chunk = texts[start : start + step]
-                chunks.append(model.encode(chunk, batch_size=self.batch_size, convert_to_numpy=True,
-                                           normalize_embeddings=True, show_progress_bar=False))
+                chunks.append(
+                    model.encode(
+                        chunk,
+                        batch_size=self.batch_size,
+                        convert_to_numpy=True,
+                        normalize_embeddings=True,
+                        show_progress_bar=False,
+                    )
+                )
                 bar.update(len(chunk))
         if not chunks:
             return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
@@ -200,7 +211,8 @@ class EmbeddingCache:
                         connection.execute(
                             "CREATE TABLE IF NOT EXISTS vectors (encoder TEXT NOT NULL, text_sha256 BLOB NOT NULL, "
                             "dim INTEGER NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (encoder, text_sha256)) "
-                            "WITHOUT ROWID")
+                            "WITHOUT ROWID"
+                        )
                     return
                 finally:
                     connection.close()
@@ -229,8 +241,12 @@ class EmbeddingCache:
             source = Path(str(self.path) + suffix)
             if source.exists():
                 os.replace(source, str(aside) + suffix)
-        log.warning("The embedding cache %s is not a readable SQLite database (%s): set aside as %s; starting "
-                    "an empty one.", self.path, error, aside)
+        log.warning(
+            "The embedding cache %s is not a readable SQLite database (%s): set aside as %s; starting an empty one.",
+            self.path,
+            error,
+            aside,
+        )
 
     def get(self, encoder: str, texts: Sequence[str]) -> list[np.ndarray | None]:
         """The cached vector of each text under ``encoder``, None where there is none."""
@@ -243,7 +259,9 @@ class EmbeddingCache:
                 chunk = distinct[start : start + _SQL_VARIABLES]
                 rows = connection.execute(
                     f"SELECT text_sha256, dim, vector FROM vectors WHERE encoder = ? AND text_sha256 IN "
-                    f"({','.join('?' * len(chunk))})", [encoder, *chunk])
+                    f"({','.join('?' * len(chunk))})",
+                    [encoder, *chunk],
+                )
                 for key, dim, blob in rows:
                     if len(blob) == 4 * dim:  # a torn row is a miss, and is written again
                         found[bytes(key)] = np.frombuffer(blob, dtype=np.float32)
@@ -336,8 +354,11 @@ class CachedEmbedder:
         try:
             return getattr(self.cache, method)(*args)
         except sqlite3.DatabaseError as error:  # OperationalError (locked too long) included
-            log.warning("The embedding cache %s failed (%s): embedding without it for the rest of this run.",
-                        self.cache.path, error)
+            log.warning(
+                "The embedding cache %s failed (%s): embedding without it for the rest of this run.",
+                self.cache.path,
+                error,
+            )
             self.cache = None
             return None
 

@@ -88,8 +88,10 @@ def generate_token_ids(
             the returned ids are the continuation only. None (or an empty prefix): the plain prompt.
     """
     if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"Generation needs max_new_tokens >= 1 and batch_size >= 1 (got {max_new_tokens}, "
-                         f"{batch_size}); fix the max_new_tokens / batch_size setting of the calling config.")
+        raise ValueError(
+            f"Generation needs max_new_tokens >= 1 and batch_size >= 1 (got {max_new_tokens}, "
+            f"{batch_size}); fix the max_new_tokens / batch_size setting of the calling config."
+        )
     conversations = [user_turn(p, system_prompt) if isinstance(p, str) else list(p) for p in prompts]
     prompt_ids = [tokenize_prompt(tokenizer, c) for c in conversations]
     if answer_prefix_ids is not None:
@@ -158,7 +160,8 @@ def end_of_turn_token_id(tokenizer) -> int | None:
     first special token of a following user turn. None when the template marks turns with plain text.
     """
     special = set(tokenizer.all_special_ids) | {
-        token_id for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        token_id
+        for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
         if getattr(token, "special", False)
     }
     special.discard(tokenizer.unk_token_id)
@@ -303,15 +306,22 @@ class _ContinuousDecoder:
                     answers[row.index] = row.generated
                 bar.update(len(finished))
                 new = [queue.popleft() for _ in range(room)] if admit else []
-                self._rebuild([self._prefill(prompt_ids, new[i : i + PREFILL_ROWS])
-                               for i in range(0, len(new), PREFILL_ROWS)])
+                self._rebuild(
+                    [self._prefill(prompt_ids, new[i : i + PREFILL_ROWS]) for i in range(0, len(new), PREFILL_ROWS)]
+                )
             else:
                 self._step()
         return answers
 
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=True, **{self.cache_argument: cache}, **self.logits_argument)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_argument: cache},
+            **self.logits_argument,
+        )
         return output.logits[:, -1].argmax(dim=-1)
 
     def _new_cache(self, width: int, rows: int = 1):
@@ -361,7 +371,9 @@ class _ContinuousDecoder:
         rows = [_Row(index, len(prompt_ids[index])) for index in indices]
         for row, token in zip(rows, first.tolist()):
             self._append(row, token, in_cache=False)
-        return _Block(rows, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask, first)
+        return _Block(
+            rows, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask, first
+        )
 
     def _append(self, row: _Row, token: int, in_cache: bool = True) -> None:
         """Record ``token`` as the row's next answer token (``in_cache``: the token it was fed is now cached)."""
@@ -448,8 +460,14 @@ def _decode_static_batches(model, prompt_ids, order, stops, max_new_tokens, batc
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
         output = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id, eos_token_id=sorted(stops),
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=pad_id,
+            eos_token_id=sorted(stops),
         )
         for row, index in enumerate(batch):
             new = output[row, width:].tolist()
@@ -489,8 +507,10 @@ def generate_token_ids_from_embeddings(
         (decode them with :func:`decode_answer`).
     """
     if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"Generation needs max_new_tokens >= 1 and batch_size >= 1 (got {max_new_tokens}, "
-                         f"{batch_size}); fix the max_new_tokens / batch_size setting of the calling config.")
+        raise ValueError(
+            f"Generation needs max_new_tokens >= 1 and batch_size >= 1 (got {max_new_tokens}, "
+            f"{batch_size}); fix the max_new_tokens / batch_size setting of the calling config."
+        )
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     parameter = next(model.parameters())
@@ -510,8 +530,14 @@ def generate_token_ids_from_embeddings(
                 embeddings[row, width - length :] = prompt_embeddings[index].to(embeddings)
                 attention_mask[row, width - length :] = 1
             output = model.generate(
-                inputs_embeds=embeddings, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id, eos_token_id=stops,
+                inputs_embeds=embeddings,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                pad_token_id=pad_id,
+                eos_token_id=stops,
             )
             for row, index in enumerate(batch):  # with inputs_embeds alone, generate returns the new tokens only
                 new = output[row].tolist()

@@ -105,8 +105,10 @@ class RetrySettings:
     def problem(self) -> str | None:
         """What is out of range, as the end of a sentence ("needs max_concurrency >= 1, ..."), or None."""
         if self.max_concurrency < 1 or self.max_retries < 0 or self.backoff_seconds < 0 or self.timeout_seconds <= 0:
-            return (f"max_concurrency >= 1, max_retries >= 0, backoff_seconds >= 0 and timeout_seconds > 0 "
-                    f"(got {self.max_concurrency}, {self.max_retries}, {self.backoff_seconds}, {self.timeout_seconds})")
+            return (
+                f"max_concurrency >= 1, max_retries >= 0, backoff_seconds >= 0 and timeout_seconds > 0 "
+                f"(got {self.max_concurrency}, {self.max_retries}, {self.backoff_seconds}, {self.timeout_seconds})"
+            )
         return None
 
 
@@ -191,8 +193,9 @@ class EndpointClient:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={redact_url(self.url)!r}, label={self.label!r})"
 
-    def post_all(self, bodies: Mapping[str, dict[str, Any]], on_reply: Callable[[str, str], None],
-                 progress: str | None = None) -> BatchResult:
+    def post_all(
+        self, bodies: Mapping[str, dict[str, Any]], on_reply: Callable[[str, str], None], progress: str | None = None
+    ) -> BatchResult:
         """POST every body; ``on_reply(key, text)`` runs (in the calling thread) as each reply arrives.
 
         After a fatal answer or a request that exhausted its retries, no new request starts; the ones
@@ -215,9 +218,11 @@ class EndpointClient:
         concurrency = self.settings.max_concurrency
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         thread_prefix = self.label.replace(" ", "-")
-        with httpx.Client(headers=headers, timeout=self.settings.timeout_seconds, limits=limits) as client, \
-                concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=thread_prefix) as pool, \
-                tqdm(total=len(bodies), desc=progress, disable=progress is None) as bar:
+        with (
+            httpx.Client(headers=headers, timeout=self.settings.timeout_seconds, limits=limits) as client,
+            concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=thread_prefix) as pool,
+            tqdm(total=len(bodies), desc=progress, disable=progress is None) as bar,
+        ):
             futures = {pool.submit(self._post_one, client, body, abort): key for key, body in bodies.items()}
             # Drain every future even after a failure, so that whatever was obtained gets handed over.
             for future in concurrent.futures.as_completed(futures):
@@ -241,11 +246,23 @@ class EndpointClient:
                     result.unexpected = result.unexpected or error
         return result
 
-    def failure(self, result: BatchResult, *, who: str, config_key: str, model: str, model_noun: str,
-                api_key_env: str, resume: str, num_done: int, num_total: int,
-                endpoint_error: type[EndpointError] = EndpointError,
-                authentication_error: type[EndpointError] = EndpointAuthenticationError,
-                model_hint: str = "", down_hint: str = "") -> EndpointError:
+    def failure(
+        self,
+        result: BatchResult,
+        *,
+        who: str,
+        config_key: str,
+        model: str,
+        model_noun: str,
+        api_key_env: str,
+        resume: str,
+        num_done: int,
+        num_total: int,
+        endpoint_error: type[EndpointError] = EndpointError,
+        authentication_error: type[EndpointError] = EndpointAuthenticationError,
+        model_hint: str = "",
+        down_hint: str = "",
+    ) -> EndpointError:
         """The one-line error of a stopped batch (raise it; re-raise ``result.unexpected`` first).
 
         Args:
@@ -268,14 +285,21 @@ class EndpointClient:
                 unset = "" if self._api_key else " (it is unset, and allow_missing_key is true)"
                 return authentication_error(
                     f"The {who} endpoint {url} rejected the credentials ({detail}): check the key in "
-                    f"${api_key_env}{unset}. {resume}", **counts)
+                    f"${api_key_env}{unset}. {resume}",
+                    **counts,
+                )
             return endpoint_error(
                 f"The {who} endpoint {url} answered {detail}: check {config_key}.base_url (requests go to "
-                f"<base_url>/{self.route}) and the {model_noun} name '{model}'{model_hint}. {resume}", **counts)
+                f"<base_url>/{self.route}) and the {model_noun} name '{model}'{model_hint}. {resume}",
+                **counts,
+            )
         return endpoint_error(
             f"The {who} endpoint {url} is down or unreachable: it kept failing after {self.settings.max_retries} "
-            f"retries ({result.exhausted[0] if result.exhausted else 'unknown error'}).{' ' + down_hint if down_hint else ''} "
-            f"{resume}", **counts)
+            "retries "
+            f"({result.exhausted[0] if result.exhausted else 'unknown error'}).{' ' + down_hint if down_hint else ''} "
+            f"{resume}",
+            **counts,
+        )
 
     def _post_one(self, client: httpx.Client, body: dict[str, Any], abort: threading.Event) -> _Outcome:
         """POST one body, retrying on connection errors, timeouts, 429 and 5xx."""
@@ -299,15 +323,23 @@ class EndpointClient:
                     abort.set()  # no other request can succeed: stop them all
                     return _Outcome(error=last_error, fatal=FATAL_STATUSES[response.status_code])
                 if response.status_code != 429 and response.status_code < 500:
-                    log.error("%s request rejected by %s (%s); not retried.", self.label,
-                              redact_url(self.url), last_error)
+                    log.error(
+                        "%s request rejected by %s (%s); not retried.", self.label, redact_url(self.url), last_error
+                    )
                     return _Outcome(error=last_error)
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             if attempt == max_retries:
                 break
             delay = retry_after if retry_after is not None else self._backoff(attempt)
-            log.warning("%s request to %s failed (%s); retry %d/%d in %.2f s.", self.label,
-                        redact_url(self.url), last_error, attempt + 1, max_retries, delay)
+            log.warning(
+                "%s request to %s failed (%s); retry %d/%d in %.2f s.",
+                self.label,
+                redact_url(self.url),
+                last_error,
+                attempt + 1,
+                max_retries,
+                delay,
+            )
             if abort.wait(delay):  # another request gave up meanwhile: stop early
                 return _Outcome(skipped=True, error=last_error)
         abort.set()  # here, not in the caller: the next queued request must see it before it starts
@@ -322,7 +354,7 @@ class EndpointClient:
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random, so clients spread out."""
-        ceiling = min(MAX_BACKOFF_SECONDS, self.settings.backoff_seconds * 2 ** attempt)
+        ceiling = min(MAX_BACKOFF_SECONDS, self.settings.backoff_seconds * 2**attempt)
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def _scrub(self, text: str) -> str:
@@ -348,8 +380,15 @@ class ReplyCache:
         ReplyCacheError (or ``error``): ``path`` is not a usable sqlite database.
     """
 
-    def __init__(self, path: str | Path, table: str, columns: Sequence[str], owner: str, config_key: str,
-                 error: type[Exception] = ReplyCacheError) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        table: str,
+        columns: Sequence[str],
+        owner: str,
+        config_key: str,
+        error: type[Exception] = ReplyCacheError,
+    ) -> None:
         self.path = Path(path)
         self.table = table
         self.columns = tuple(columns)
@@ -359,8 +398,10 @@ class ReplyCache:
             try:
                 connection.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
                 described = "".join(f" {column} TEXT NOT NULL," for column in self.columns)
-                connection.execute(f"CREATE TABLE IF NOT EXISTS {table} ("
-                                   f" key TEXT PRIMARY KEY,{described} reply TEXT NOT NULL, created REAL NOT NULL)")
+                connection.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} ("
+                    f" key TEXT PRIMARY KEY,{described} reply TEXT NOT NULL, created REAL NOT NULL)"
+                )
             finally:
                 connection.close()
         except sqlite3.DatabaseError as failure:
@@ -385,7 +426,8 @@ class ReplyCache:
         for start in range(0, len(keys_list), 500):  # stay below sqlite's bound-parameter limit
             chunk = keys_list[start : start + 500]
             rows = connection.execute(
-                f"SELECT key, reply FROM {self.table} WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+                f"SELECT key, reply FROM {self.table} WHERE key IN ({','.join('?' * len(chunk))})", chunk
+            )
             found.update(dict(rows))
         return found
 
@@ -393,8 +435,9 @@ class ReplyCache:
         """Store (or replace) the reply of ``key`` with its descriptive columns."""
         names = ", ".join(("key", *self.columns, "reply", "created"))
         values = (key, *(columns[column] for column in self.columns), reply, time.time())
-        connection.execute(f"INSERT OR REPLACE INTO {self.table} ({names}) VALUES ({', '.join('?' * len(values))})",
-                           values)
+        connection.execute(
+            f"INSERT OR REPLACE INTO {self.table} ({names}) VALUES ({', '.join('?' * len(values))})", values
+        )
 
 
 # ---------------------------------------------------------------------------------------- text helpers

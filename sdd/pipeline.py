@@ -47,8 +47,18 @@ NONE = "none"
 CHAIN_SEPARATOR = "+"  # point.attack=a+b: Hydra's override parser reads "+" inside a value as text
 WEIGHT_ATTACKS = ("fine_tuning", "weight_edit")  # attack_kind of the chain elements that run as stages
 # Keys that say where or how verbosely a stage runs, not what it computes: left out of its hash.
-NOT_HASHED = ("paths", "logger", "checkpoint", "ckpt_path", "prepare_only", "task_name", "sample_prompts",
-              "sample_max_new_tokens", "resume", "overwrite")
+NOT_HASHED = (
+    "paths",
+    "logger",
+    "checkpoint",
+    "ckpt_path",
+    "prepare_only",
+    "task_name",
+    "sample_prompts",
+    "sample_max_new_tokens",
+    "resume",
+    "overwrite",
+)
 # Backbone settings the folder of a trained model does not carry: passed on to later stages.
 BACKBONE_SETTINGS = ("dtype", "trust_remote_code", "chat_template", "attn_implementation")
 
@@ -100,8 +110,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     temporary = results_path.with_name(f"results.json.tmp-{os.getpid()}")
     temporary.write_text(json.dumps(scrub_credentials(record), indent=2))
     temporary.replace(results_path)
-    log.info("Point %s done in %.0f s (reused: %s); results in %s", point["name"], record["seconds"],
-             record["reused_stages"] or "none", output_dir / "results.json")
+    log.info(
+        "Point %s done in %.0f s (reused: %s); results in %s",
+        point["name"],
+        record["seconds"],
+        record["reused_stages"] or "none",
+        output_dir / "results.json",
+    )
     return record
 
 
@@ -110,8 +125,14 @@ def describe_point(cfg: DictConfig) -> dict[str, Any]:
     attack, _ = attack_choice(cfg)
     setting = cfg.point.get("attack_setting")
     name = f"{cfg.point.backbone}/{cfg.point.defense}/{attack if setting is None else f'{attack}#{setting}'}"
-    return {"name": name, "backbone": str(cfg.point.backbone), "defense": str(cfg.point.defense), "attack": attack,
-            "attack_setting": None if setting is None else str(setting), "seed": cfg.seed}
+    return {
+        "name": name,
+        "backbone": str(cfg.point.backbone),
+        "defense": str(cfg.point.defense),
+        "attack": attack,
+        "attack_setting": None if setting is None else str(setting),
+        "seed": cfg.seed,
+    }
 
 
 def attack_choice(cfg: DictConfig) -> tuple[str, list[str]]:
@@ -138,8 +159,10 @@ def attack_chain(attack: Any, key: str = "point.attack") -> list[str]:
         return []
     elements = [element.strip() for element in text.split(CHAIN_SEPARATOR)]
     if not all(elements) or NONE in elements:
-        raise ConfigError(f"{key}={text!r} is not an attack chain: write conf/attack entries joined by "
-                          f"'{CHAIN_SEPARATOR}' (e.g. mft_advbench{CHAIN_SEPARATOR}prefilling), or {NONE} alone.")
+        raise ConfigError(
+            f"{key}={text!r} is not an attack chain: write conf/attack entries joined by "
+            f"'{CHAIN_SEPARATOR}' (e.g. mft_advbench{CHAIN_SEPARATOR}prefilling), or {NONE} alone."
+        )
     return elements
 
 
@@ -190,19 +213,29 @@ class StagePlanner:
         chain = attack_chain(attack)
         unknown = [name for name in chain if name not in known_attacks()]
         if unknown:
-            raise ConfigError(f"point.attack={attack}: {', '.join(unknown)} is not a conf/attack option; the options "
-                              f"are {', '.join(known_attacks())} (chain them with '{CHAIN_SEPARATOR}').")
+            raise ConfigError(
+                f"point.attack={attack}: {', '.join(unknown)} is not a conf/attack option; the options "
+                f"are {', '.join(known_attacks())} (chain them with '{CHAIN_SEPARATOR}')."
+            )
         stages: dict[str, Stage] = {}
         # 1. Defense: train the backbone with the defense, or take it as it is (Vanilla).
         if point["defense"] == NONE:
             backbone_cfg = self.compose("train", "defense", [f"backbone={point['backbone']}"]).cfg.backbone
             self.vanilla_model = model = resolve_backbone(backbone_cfg)
         else:
-            stages["defense"] = self.compose("train", "defense", [
-                f"backbone={point['backbone']}", f"defense={point['defense']}", f"scale={cfg.stages.scale}",
-                *self.training_choices,
-                *cfg.stages.overrides.defense, *(cfg.stages.overrides.get("per_defense") or {}).get(point["defense"], []),
-            ], label=f"{point['backbone']}-{point['defense']}")
+            stages["defense"] = self.compose(
+                "train",
+                "defense",
+                [
+                    f"backbone={point['backbone']}",
+                    f"defense={point['defense']}",
+                    f"scale={cfg.stages.scale}",
+                    *self.training_choices,
+                    *cfg.stages.overrides.defense,
+                    *(cfg.stages.overrides.get("per_defense") or {}).get(point["defense"], []),
+                ],
+                label=f"{point['backbone']}-{point['defense']}",
+            )
             backbone_cfg = stages["defense"].cfg.backbone
             model = str(stages["defense"].dir / "model")
         # A model folder loads as backbone=custom; it keeps the backbone's loading settings.
@@ -211,43 +244,67 @@ class StagePlanner:
         # 2. The defended model's evaluation, shared by every attack on it.
         if cfg.stages.evaluate_before_attack or attack == NONE:
             stages["evaluate_before_attack"] = self.compose(
-                "eval", "evaluate", [f"model={override_value(model)}", *evaluate], label="before_attack")
+                "eval", "evaluate", [f"model={override_value(model)}", *evaluate], label="before_attack"
+            )
         # 3. The chain's weight attacks, each on the previous model, then 4. the attacked model's evaluation
         # with every element's evaluation-time attacks.
         if chain:
             eval_attacks = OmegaConf.create({})
             weight_stages, evaluation_element = 0, None
             for name in chain:
-                element = self.compose("attack", "attack", [
-                    f"model={override_value(model)}", *as_model, f"attack={name}", *self.training_choices,
-                    *cfg.stages.overrides.attack, *attack_overrides,
-                ], label=name)
+                element = self.compose(
+                    "attack",
+                    "attack",
+                    [
+                        f"model={override_value(model)}",
+                        *as_model,
+                        f"attack={name}",
+                        *self.training_choices,
+                        *cfg.stages.overrides.attack,
+                        *attack_overrides,
+                    ],
+                    label=name,
+                )
                 # Union in chain order (a later element's keys win): an override every element receives, e.g.
                 # ++eval_attacks.prefilling.prefill_tokens=[5], completes the entry that defines the variant.
                 found = element.cfg.get("eval_attacks")
-                eval_attacks = OmegaConf.merge(eval_attacks, OmegaConf.to_container(found, resolve=True) if found else {})
+                eval_attacks = OmegaConf.merge(
+                    eval_attacks, OmegaConf.to_container(found, resolve=True) if found else {}
+                )
                 kind = str(element.cfg.get("attack_kind") or "fine_tuning")
                 if kind == "evaluation":  # no stage: it adds variants to the evaluation
                     evaluation_element = name
                     continue
                 if kind not in WEIGHT_ATTACKS:
-                    raise ConfigError(f"conf/attack/{name}.yaml: attack_kind={kind} is not one of "
-                                      f"{[*WEIGHT_ATTACKS, 'evaluation']}.")
+                    raise ConfigError(
+                        f"conf/attack/{name}.yaml: attack_kind={kind} is not one of {[*WEIGHT_ATTACKS, 'evaluation']}."
+                    )
                 if evaluation_element is not None:
                     raise ConfigError(
                         f"point.attack={attack}: {evaluation_element} is an evaluation-time attack (attack_kind: "
                         f"evaluation) and must come last, after the weight attack {name}: write "
-                        f"{CHAIN_SEPARATOR.join([n for n in chain if n != evaluation_element] + [evaluation_element])}.")
+                        f"{CHAIN_SEPARATOR.join([n for n in chain if n != evaluation_element] + [evaluation_element])}."
+                    )
                 weight_stages += 1
                 stages["attack" if weight_stages == 1 else f"attack_{weight_stages}"] = element
                 model = str(element.dir / "model")
             stages["evaluate_after_attack"] = self.compose(
-                "eval", "evaluate", [f"model={override_value(model)}", *evaluate], label="after_attack",
-                patch={"eval_attacks": OmegaConf.to_container(eval_attacks, resolve=True)} if eval_attacks else None)
+                "eval",
+                "evaluate",
+                [f"model={override_value(model)}", *evaluate],
+                label="after_attack",
+                patch={"eval_attacks": OmegaConf.to_container(eval_attacks, resolve=True)} if eval_attacks else None,
+            )
         return stages
 
-    def compose(self, config_name: str, kind: str, overrides: Sequence[str], label: str | None = None,
-                patch: dict[str, Any] | None = None) -> Stage:
+    def compose(
+        self,
+        config_name: str,
+        kind: str,
+        overrides: Sequence[str],
+        label: str | None = None,
+        patch: dict[str, Any] | None = None,
+    ) -> Stage:
         """The stage ``config_name`` composed with ``overrides``, then ``patch``'s top-level keys set (before
         the hash: values an override string cannot carry, like the chain's ``eval_attacks``)."""
         from hydra import compose
@@ -301,9 +358,14 @@ class StagePlanner:
             log.info("Running %s stage in %s", stage.kind, stage.dir)
             started = time.time()
             result = function(stage.cfg)
-            record = {"kind": stage.kind, "key": stage.key, "dir": str(stage.dir),
-                      "overrides": list(stage.cfg.stage_overrides), "seconds": round(time.time() - started, 1),
-                      **result}
+            record = {
+                "kind": stage.kind,
+                "key": stage.key,
+                "dir": str(stage.dir),
+                "overrides": list(stage.cfg.stage_overrides),
+                "seconds": round(time.time() - started, 1),
+                **result,
+            }
             record = scrub_credentials(record)
             temporary = record_path.with_suffix(".tmp")
             temporary.write_text(json.dumps(record, indent=2))
@@ -372,8 +434,11 @@ def _train_stage(cfg: DictConfig, fit: Callable[[DictConfig], dict[str, Any]] | 
     with open_dict(cfg):
         cfg.overwrite = True
     summary = (fit or train)(cfg)
-    return {"model_dir": summary["model_dir"], "global_step": summary["global_step"],
-            "metrics": summary.get("metrics", {})}
+    return {
+        "model_dir": summary["model_dir"],
+        "global_step": summary["global_step"],
+        "metrics": summary.get("metrics", {}),
+    }
 
 
 def _evaluate_stage(cfg: DictConfig) -> dict[str, Any]:
@@ -416,13 +481,18 @@ def print_point(record: dict[str, Any]) -> None:
     """The point's headline numbers, for a person watching a run."""
     if "planned" in record:  # a dry run printed its plan already
         return
-    print(f"\n{record['point']['name']}  ({record['seconds']} s, reused: {', '.join(record['reused_stages']) or 'none'})")
+    print(
+        f"\n{record['point']['name']}  ({record['seconds']} s, reused: {', '.join(record['reused_stages']) or 'none'})"
+    )
     for name, evaluation in record["evaluations"].items():
         harm = (evaluation.get("harmfulness") or {}).get("overall", {})
         capability = {k: v["acc"] for k, v in (evaluation.get("capability") or {}).items() if isinstance(v, dict)}
         shown = {k: round(v, 3) for k, v in harm.items() if isinstance(v, float)}
-        benign = {k: round(v, 3) for k, v in ((evaluation.get("benign") or {}).get("overall") or {}).items()
-                  if k in ("on_topic_rate", "refusal_rate", "reference_nll") and isinstance(v, float)}
+        benign = {
+            k: round(v, 3)
+            for k, v in ((evaluation.get("benign") or {}).get("overall") or {}).items()
+            if k in ("on_topic_rate", "refusal_rate", "reference_nll") and isinstance(v, float)
+        }
         print(f"  {name}: harmfulness {shown} benign {benign} capability {capability}")
         for variant, under in (evaluation.get("harmfulness_under_attack") or {}).items():
             shown = {k: round(v, 3) for k, v in (under.get("overall") or {}).items() if isinstance(v, float)}

@@ -40,18 +40,28 @@ log = logging.getLogger(__name__)
 # The harmfulness metric shown, in order of preference: the rubric judge's harmfulness score (1-5), the
 # StrongREJECT score (0-1), the safety classifier's unsafe rate, the moderation model's flagged rate, and
 # last the offline proxy (on topic and not refused), which is no harm judge.
-HARM_METRICS = ("harmfulness_score", "strongreject_score", "classifier_unsafe_rate", "flagged_rate",
-                "on_topic_compliance")
+HARM_METRICS = (
+    "harmfulness_score",
+    "strongreject_score",
+    "classifier_unsafe_rate",
+    "flagged_rate",
+    "on_topic_compliance",
+)
 # Metrics of the offline judges (relevance encoder, refusal keywords): proxies, never called harmfulness.
-PROXY_METRICS = ("on_topic_compliance", "refusal_rate", "explicit_rejection_rate", "mean_relevance",
-                 "irrelevant_rate")
+PROXY_METRICS = ("on_topic_compliance", "refusal_rate", "explicit_rejection_rate", "mean_relevance", "irrelevant_rate")
 RENAMED = {"compliance_rate": "on_topic_compliance"}  # old results.json name -> current name
 # Benign behaviour (sdd/evaluation/benign.py): column -> label in report.md.
-BENIGN_COLUMNS = {"on_topic_rate": "benign on-topic % (proxy)", "refusal_rate": "over-refusal % (proxy)",
-                  "reference_nll": "reference NLL"}
+BENIGN_COLUMNS = {
+    "on_topic_rate": "benign on-topic % (proxy)",
+    "refusal_rate": "over-refusal % (proxy)",
+    "reference_nll": "reference NLL",
+}
 # The verdict's columns: harmful-prompt proxies (refusal keywords, relevance encoder) and benign behaviour.
-VERDICT_HARMFUL = {"refusal_rate": "refusal %", "irrelevant_rate": "irrelevant %",
-                   "on_topic_compliance": "on-topic compliance %"}
+VERDICT_HARMFUL = {
+    "refusal_rate": "refusal %",
+    "irrelevant_rate": "irrelevant %",
+    "on_topic_compliance": "on-topic compliance %",
+}
 VERDICT_BENIGN = {"on_topic_rate": "on-topic %", "refusal_rate": "over-refusal %", "reference_nll": "reference NLL"}
 NO_ATTACK = "none"
 AVERAGE = "capability/average"
@@ -101,10 +111,16 @@ def point_rows(record: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     rows = [plain]
     after = record["evaluations"].get("after_attack") or {}
     for variant, harmfulness in (after.get("harmfulness_under_attack") or {}).items():
-        under = {**record, "evaluations": {**record["evaluations"], "after_attack": {**after, "harmfulness": harmfulness}}}
+        under = {
+            **record,
+            "evaluations": {**record["evaluations"], "after_attack": {**after, "harmfulness": harmfulness}},
+        }
         row = flatten(under, run_dir)
-        row.update(attack=f"{plain['attack']} [{variant}]", attack_label=f"{plain['attack_label']} [{variant}]",
-                   attack_variant=variant)
+        row.update(
+            attack=f"{plain['attack']} [{variant}]",
+            attack_label=f"{plain['attack_label']} [{variant}]",
+            attack_variant=variant,
+        )
         rows.append(row)
     return rows
 
@@ -114,10 +130,15 @@ def flatten(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     point = record["point"]
     setting = point.get("attack_setting")
     row: dict[str, Any] = {
-        "backbone": point["backbone"], "defense": point["defense"], "attack": point["attack"],
-        "attack_chain": point["attack"], "attack_variant": None, "attack_setting": setting,
+        "backbone": point["backbone"],
+        "defense": point["defense"],
+        "attack": point["attack"],
+        "attack_chain": point["attack"],
+        "attack_variant": None,
+        "attack_setting": setting,
         "attack_label": point["attack"] if setting in (None, "None") else f"{point['attack']}#{setting}",
-        "seed": point.get("seed"), "run_dir": str(run_dir),
+        "seed": point.get("seed"),
+        "run_dir": str(run_dir),
     }
     for phase in ("before_attack", "after_attack"):
         evaluation = record["evaluations"].get(phase) or {}
@@ -130,15 +151,20 @@ def flatten(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         for name, described in ((evaluation.get("harmfulness") or {}).get("judges") or {}).items():
             for metric in (described or {}).get("metrics") or []:  # what produced each metric, for captions
                 row[f"{phase}/judge/{RENAMED.get(metric, metric)}"] = judge_description(name, described)
-        for pair, stats in (harm.get("agreement") or {}).items():  # {"a|b": {num_items, percent_agreement, cohen_kappa}}
+        for pair, stats in (
+            harm.get("agreement") or {}
+        ).items():  # {"a|b": {num_items, percent_agreement, cohen_kappa}}
             for stat, value in (stats or {}).items():
                 if _is_number(value):
                     row[f"{phase}/agreement/{pair}/{stat}"] = value
         for metric, value in ((evaluation.get("benign") or {}).get("overall") or {}).items():
             if _is_number(value):
                 row[f"{phase}/benign/{metric}"] = value
-        accuracies = {task: 100.0 * value["acc"] for task, value in (evaluation.get("capability") or {}).items()
-                      if isinstance(value, dict) and value.get("acc") is not None}
+        accuracies = {
+            task: 100.0 * value["acc"]
+            for task, value in (evaluation.get("capability") or {}).items()
+            if isinstance(value, dict) and value.get("acc") is not None
+        }
         for task, value in accuracies.items():
             row[f"{phase}/capability/{task}"] = value
         if accuracies:
@@ -212,23 +238,33 @@ def metric_label(metric: str) -> str:
 
 def harm_header(frame: pd.DataFrame, metric: str) -> str:
     """The report's sentence on what the harm column is, and whether any harm judge ran."""
-    judged = [m for m in HARM_METRICS if not is_proxy(m) and f"final/harm/{m}" in frame
-              and frame[f"final/harm/{m}"].notna().any()]
+    judged = [
+        m
+        for m in HARM_METRICS
+        if not is_proxy(m) and f"final/harm/{m}" in frame and frame[f"final/harm/{m}"].notna().any()
+    ]
     if not is_proxy(metric):
         return f"Harmfulness: `{metric_label(metric)}`, from a harm judge."
     if judged:
-        return (f"Harm column: `{metric_label(metric)}`, chosen with --harm-metric: an offline proxy, not harmfulness "
-                f"(a harm judge ran: {', '.join(judged)}).")
-    return (f"**No harm judge ran** (rubric, StrongREJECT, safety classifier or moderation), so the harm column is "
-            f"`{metric_label(metric)}`: the share of answers that are on topic (relevance encoder) and not refused "
-            "(keywords). It measures topicality, not harm, and is circular for SDD (the same encoder and threshold "
-            "build SDD's training pairs). Enable a judge (eval.judges.<name>.enabled=true) for harmfulness.")
+        return (
+            f"Harm column: `{metric_label(metric)}`, chosen with --harm-metric: an offline proxy, not harmfulness "
+            f"(a harm judge ran: {', '.join(judged)})."
+        )
+    return (
+        f"**No harm judge ran** (rubric, StrongREJECT, safety classifier or moderation), so the harm column is "
+        f"`{metric_label(metric)}`: the share of answers that are on topic (relevance encoder) and not refused "
+        "(keywords). It measures topicality, not harm, and is circular for SDD (the same encoder and threshold "
+        "build SDD's training pairs). Enable a judge (eval.judges.<name>.enabled=true) for harmfulness."
+    )
 
 
 def benign_metrics(frame: pd.DataFrame) -> list[str]:
     """The benign columns present in the results (``benign/<metric>``)."""
-    return [f"benign/{m}" for m in BENIGN_COLUMNS
-            if any(c in frame for c in (f"before_attack/benign/{m}", f"final/benign/{m}"))]
+    return [
+        f"benign/{m}"
+        for m in BENIGN_COLUMNS
+        if any(c in frame for c in (f"before_attack/benign/{m}", f"final/benign/{m}"))
+    ]
 
 
 def capability_tasks(frame: pd.DataFrame) -> list[str]:
@@ -243,8 +279,14 @@ def table1(frame: pd.DataFrame, harm_metric: str) -> str:
     benign = benign_metrics(frame)
     lines = []
     for backbone, group in frame.groupby("backbone", sort=True):
-        header = ["model", *[t.split("/", 1)[1] for t in tasks], "capability avg", metric_label(harm_metric),
-                  *[BENIGN_COLUMNS[b.split("/", 1)[1]] for b in benign], "train/eval overlap"]
+        header = [
+            "model",
+            *[t.split("/", 1)[1] for t in tasks],
+            "capability avg",
+            metric_label(harm_metric),
+            *[BENIGN_COLUMNS[b.split("/", 1)[1]] for b in benign],
+            "train/eval overlap",
+        ]
         lines += [f"### {backbone}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for defense, rows in group.groupby("defense", sort=False):
             name = "Vanilla" if defense == NO_ATTACK else defense
@@ -256,8 +298,10 @@ def table1(frame: pd.DataFrame, harm_metric: str) -> str:
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             for _, row in rows[rows["attack"] != NO_ATTACK].iterrows():
                 cells = [_with_change(row.get(f"final/{t}"), row.get(f"before_attack/{t}")) for t in tasks]
-                cells += [_with_change(row.get(f"final/{AVERAGE}"), row.get(f"before_attack/{AVERAGE}")),
-                          _fmt(row.get(f"final/{harm_metric}"))]
+                cells += [
+                    _with_change(row.get(f"final/{AVERAGE}"), row.get(f"before_attack/{AVERAGE}")),
+                    _fmt(row.get(f"final/{harm_metric}")),
+                ]
                 cells += [_fmt(row.get(f"final/{b}")) for b in benign] + [_overlap(row)]
                 lines.append(f"| {name} under {row['attack_label']} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -286,14 +330,23 @@ def agreement_table(frame: pd.DataFrame) -> pd.DataFrame:
     for _, row in frame.iterrows():
         for phase in ("before_attack", "after_attack"):
             prefix = f"{phase}/agreement/"
-            pairs = sorted({c[len(prefix):].rsplit("/", 1)[0] for c in frame if c.startswith(prefix)})
+            pairs = sorted({c[len(prefix) :].rsplit("/", 1)[0] for c in frame if c.startswith(prefix)})
             for pair in pairs:
                 kappa, percent = row.get(f"{prefix}{pair}/cohen_kappa"), row.get(f"{prefix}{pair}/percent_agreement")
                 if (kappa is None or pd.isna(kappa)) and (percent is None or pd.isna(percent)):
                     continue
-                out.append({"backbone": row["backbone"], "defense": row["defense"], "attack": row["attack_label"],
-                            "evaluation": phase, "judges": pair.replace("|", " vs "),
-                            "items": row.get(f"{prefix}{pair}/num_items"), "% agreement": percent, "Cohen's κ": kappa})
+                out.append(
+                    {
+                        "backbone": row["backbone"],
+                        "defense": row["defense"],
+                        "attack": row["attack_label"],
+                        "evaluation": phase,
+                        "judges": pair.replace("|", " vs "),
+                        "items": row.get(f"{prefix}{pair}/num_items"),
+                        "% agreement": percent,
+                        "Cohen's κ": kappa,
+                    }
+                )
     return pd.DataFrame(out)
 
 
@@ -310,18 +363,25 @@ def worst_case(frame: pd.DataFrame, harm_metric: str, max_drop: float = 10.0) ->
     attacked = frame[frame["attack"] != NO_ATTACK]
     out = []
     for (backbone, defense), rows in attacked.groupby(["backbone", "defense"], sort=True):
-        admissible = rows[rows["capability_drop_pct"].notna() & (rows["capability_drop_pct"] <= max_drop)] \
-            if "capability_drop_pct" in rows else rows.iloc[0:0]
+        admissible = (
+            rows[rows["capability_drop_pct"].notna() & (rows["capability_drop_pct"] <= max_drop)]
+            if "capability_drop_pct" in rows
+            else rows.iloc[0:0]
+        )
         admissible = admissible[admissible[f"final/{harm_metric}"].notna()]
         worst = admissible.loc[admissible[f"final/{harm_metric}"].idxmax()] if len(admissible) else None
-        out.append({
-            "backbone": backbone, "defense": defense,
-            f"worst {metric_label(harm_metric)}": None if worst is None else worst[f"final/{harm_metric}"],
-            "by attack": None if worst is None else worst["attack_label"],
-            "its capability change": None if worst is None else change_text(
-                worst.get("capability_change_pts"), worst.get("capability_change_pct")),
-            "attacks within budget": f"{len(admissible)}/{len(rows)}",
-        })
+        out.append(
+            {
+                "backbone": backbone,
+                "defense": defense,
+                f"worst {metric_label(harm_metric)}": None if worst is None else worst[f"final/{harm_metric}"],
+                "by attack": None if worst is None else worst["attack_label"],
+                "its capability change": None
+                if worst is None
+                else change_text(worst.get("capability_change_pts"), worst.get("capability_change_pct")),
+                "attacks within budget": f"{len(admissible)}/{len(rows)}",
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -348,8 +408,10 @@ def verdict_rows(frame: pd.DataFrame, harm_metric: str) -> list[dict[str, Any]]:
     def numbers(row: dict[str, Any], phase: str) -> dict[str, Any]:
         values = {f"harmful/{m}": row.get(f"{phase}/harm/{m}") for m in harmful}
         values |= {f"benign/{m}": row.get(f"{phase}/benign/{m}") for m in VERDICT_BENIGN}
-        values |= {"harmful/num_prompts": row.get(f"{phase}/num_harmful_prompts"),
-                   "benign/num_prompts": row.get(f"{phase}/benign/num_prompts")}
+        values |= {
+            "harmful/num_prompts": row.get(f"{phase}/num_harmful_prompts"),
+            "benign/num_prompts": row.get(f"{phase}/benign/num_prompts"),
+        }
         return values
 
     for backbone, group in frame.groupby("backbone", sort=True):
@@ -359,8 +421,13 @@ def verdict_rows(frame: pd.DataFrame, harm_metric: str) -> list[dict[str, Any]]:
             if base is not None:
                 out.append({"backbone": backbone, "model": defense_name(defense), **numbers(base, "before_attack")})
             for _, row in points[points["attack"] != NO_ATTACK].iterrows():
-                out.append({"backbone": backbone, "model": f"{defense_name(defense)} under {row['attack_label']}",
-                            **numbers(row.to_dict(), "final")})
+                out.append(
+                    {
+                        "backbone": backbone,
+                        "model": f"{defense_name(defense)} under {row['attack_label']}",
+                        **numbers(row.to_dict(), "final"),
+                    }
+                )
     return out
 
 
@@ -369,8 +436,10 @@ def _verdict_columns(rows: Sequence[dict[str, Any]], harm_metric: str) -> list[t
     columns = [("harmful prompts", f"harmful/{m}", f"{label} (proxy)") for m, label in VERDICT_HARMFUL.items()]
     if not is_proxy(harm_metric):
         columns.append(("harmful prompts", f"harmful/{harm_metric.split('/')[-1]}", metric_label(harm_metric)))
-    columns += [("benign prompts", f"benign/{m}", label + ("" if m == "reference_nll" else " (proxy)"))
-                for m, label in VERDICT_BENIGN.items()]
+    columns += [
+        ("benign prompts", f"benign/{m}", label + ("" if m == "reference_nll" else " (proxy)"))
+        for m, label in VERDICT_BENIGN.items()
+    ]
     return [c for c in columns if any(_present(r.get(c[1])) for r in rows)]
 
 
@@ -425,8 +494,10 @@ def verdict_text(frame: pd.DataFrame, harm_metric: str) -> str:
     blocks = []
     for backbone in sorted({r["backbone"] for r in rows}):
         mine = [r for r in rows if r["backbone"] == backbone]
-        counts = {g: sorted({int(r[f"{g}/num_prompts"]) for r in mine if _present(r.get(f"{g}/num_prompts"))})
-                  for g in ("harmful", "benign")}
+        counts = {
+            g: sorted({int(r[f"{g}/num_prompts"]) for r in mine if _present(r.get(f"{g}/num_prompts"))})
+            for g in ("harmful", "benign")
+        }
         table = [["model", *[h.replace(" (proxy)", "*") for _, _, h in columns]]]
         table += [[r["model"], *[_cell(k, r.get(k)) for _, k, _ in columns]] for r in mine]
         widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
@@ -473,7 +544,9 @@ def harm_matrix(frame: pd.DataFrame, harm_metric: str, max_drop: float = 10.0) -
     for backbone, group in frame.groupby("backbone", sort=True):
         attacks = sorted(set(group["attack"]) - {NO_ATTACK})
         names = ["no attack", *attacks]
-        values = pd.DataFrame(index=[defense_name(d) for d in defense_order(group["defense"])], columns=names, dtype=float)
+        values = pd.DataFrame(
+            index=[defense_name(d) for d in defense_order(group["defense"])], columns=names, dtype=float
+        )
         within = pd.DataFrame("", index=values.index, columns=names)
         for defense in defense_order(group["defense"]):
             points = group[group["defense"] == defense]
@@ -481,10 +554,18 @@ def harm_matrix(frame: pd.DataFrame, harm_metric: str, max_drop: float = 10.0) -
             if base is not None and _present(base.get(f"before_attack/{harm_metric}")):
                 values.loc[defense_name(defense), "no attack"] = base[f"before_attack/{harm_metric}"]
             for attack in attacks:
-                settings = points[(points["attack"] == attack) & points[column].notna()] if column in points else points.iloc[0:0]
+                settings = (
+                    points[(points["attack"] == attack) & points[column].notna()]
+                    if column in points
+                    else points.iloc[0:0]
+                )
                 if settings.empty:
                     continue
-                drop = settings["capability_drop_pct"] if "capability_drop_pct" in settings else pd.Series(float("nan"), index=settings.index)
+                drop = (
+                    settings["capability_drop_pct"]
+                    if "capability_drop_pct" in settings
+                    else pd.Series(float("nan"), index=settings.index)
+                )
                 admissible = settings[drop.isna() | (drop <= max_drop)]
                 within.loc[defense_name(defense), attack] = f"{len(admissible)}/{len(settings)}"
                 if len(admissible):
@@ -497,13 +578,19 @@ def harm_matrix_markdown(matrices: dict[str, dict[str, pd.DataFrame]]) -> str:
     lines = []
     for backbone, matrix in matrices.items():
         values, within = matrix["value"], matrix["within"]
-        lines += [f"### {backbone}", "", "| defense | " + " | ".join(values.columns) + " |",
-                  "|---" * (len(values.columns) + 1) + "|"]
+        lines += [
+            f"### {backbone}",
+            "",
+            "| defense | " + " | ".join(values.columns) + " |",
+            "|---" * (len(values.columns) + 1) + "|",
+        ]
         for defense in values.index:
             cells = []
             for attack in values.columns:
                 count = within.loc[defense, attack]
-                cells.append(_fmt(values.loc[defense, attack]) + (f" ({count} within)" if count not in ("", "1/1") else ""))
+                cells.append(
+                    _fmt(values.loc[defense, attack]) + (f" ({count} within)" if count not in ("", "1/1") else "")
+                )
             lines.append(f"| {defense} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -514,24 +601,67 @@ def judge_caption(frame: pd.DataFrame, metric: str) -> str:
     name = metric.split("/")[-1]
     judges = sorted({str(v) for c in frame if c.endswith(f"/judge/{name}") for v in frame[c].dropna()})
     if is_proxy(name):
-        return "Proxy, not a harm judge: " + ("; ".join(judges) or "offline judges (relevance encoder, refusal keywords)") + "."
-    return ("Judge: " + "; ".join(judges) + ".") if judges else f"Judge: the harm judge behind {name} (not named in results.json)."
+        return (
+            "Proxy, not a harm judge: "
+            + ("; ".join(judges) or "offline judges (relevance encoder, refusal keywords)")
+            + "."
+        )
+    return (
+        ("Judge: " + "; ".join(judges) + ".")
+        if judges
+        else f"Judge: the harm judge behind {name} (not named in results.json)."
+    )
 
 
 # ---------------------------------------------------------------------------- figures
 # A colour and a marker per defense, fixed for the known ones so that a defense looks the same in every report.
-KNOWN_DEFENSES = ("none", "sdd", "sdd_reject", "safety_align", "seam", "booster", "vaccine", "t_vaccine", "repnoise",
-                  "deepalign", "simpo", "tar")
-PALETTE = ("#000000", "#d62728", "#ff7f0e", "#7f7f7f", "#9467bd", "#1f77b4", "#2ca02c", "#bcbd22", "#8c564b",
-           "#e377c2", "#17becf", "#000080", "#800000", "#008080", "#e6b800", "#ff00ff", "#fa8072", "#556b2f",
-           "#00bfff", "#adff2f")
+KNOWN_DEFENSES = (
+    "none",
+    "sdd",
+    "sdd_reject",
+    "safety_align",
+    "seam",
+    "booster",
+    "vaccine",
+    "t_vaccine",
+    "repnoise",
+    "deepalign",
+    "simpo",
+    "tar",
+)
+PALETTE = (
+    "#000000",
+    "#d62728",
+    "#ff7f0e",
+    "#7f7f7f",
+    "#9467bd",
+    "#1f77b4",
+    "#2ca02c",
+    "#bcbd22",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#000080",
+    "#800000",
+    "#008080",
+    "#e6b800",
+    "#ff00ff",
+    "#fa8072",
+    "#556b2f",
+    "#00bfff",
+    "#adff2f",
+)
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "p", "h", "8", "d", "H")
 
 
 def defense_styles(defenses: Sequence[str]) -> dict[str, tuple[str, str]]:
     """``{defense: (colour, marker)}``: distinct colours for up to 20 defenses, distinct pairs for up to 60."""
     ordered = [*KNOWN_DEFENSES, *sorted(set(map(str, defenses)) - set(KNOWN_DEFENSES))]
-    return {d: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, d in enumerate(ordered) if d in set(map(str, defenses))}
+    return {
+        d: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)])
+        for i, d in enumerate(ordered)
+        if d in set(map(str, defenses))
+    }
 
 
 def _caption(figure: Any, text: str) -> None:
@@ -560,11 +690,15 @@ def plot(frame: pd.DataFrame, harm_metric: str, path: Path, caption: str | None 
     # signal every evaluation has.
     x_column, x_label = AVERAGE, "average capability (accuracy, %)"
     if not any(frame[c].notna().any() for c in (f"before_attack/{AVERAGE}", f"final/{AVERAGE}") if c in frame):
-        x_column, x_label = "benign/reference_nll", "benign reference NLL (nats/token; lower is better; no capability measured)"
+        x_column, x_label = (
+            "benign/reference_nll",
+            "benign reference NLL (nats/token; lower is better; no capability measured)",
+        )
     y_column = harm_metric
     backbones = sorted(frame["backbone"].unique())
-    figure, axes = plt.subplots(1, len(backbones), figsize=(6.5 * len(backbones) + 1.5, 5.6), squeeze=False,
-                                layout="constrained")
+    figure, axes = plt.subplots(
+        1, len(backbones), figsize=(6.5 * len(backbones) + 1.5, 5.6), squeeze=False, layout="constrained"
+    )
     styles = defense_styles(frame["defense"].unique())
     label_attacks = frame.loc[frame["attack"] != NO_ATTACK, "attack_label"].nunique() <= 6
     drawn: set[str] = set()
@@ -594,17 +728,32 @@ def plot(frame: pd.DataFrame, harm_metric: str, path: Path, caption: str | None 
         axis.set_title(backbone, fontsize=9)
         axis.grid(alpha=0.3)
     if not drawn:
-        axes[0][0].text(0.5, 0.5, "No point has both a capability (or benign reference NLL) and a harm measure\n"
-                        "(capability: eval.capability.enabled=true)", ha="center", va="center",
-                        transform=axes[0][0].transAxes)
-    handles = [Line2D([], [], color=styles[str(d)][0], marker=styles[str(d)][1], linestyle="", markersize=8,
-                      label=defense_name(d)) for d in defense_order(drawn)]
-    handles += [Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="", label="before the attack"),
-                Line2D([], [], color="grey", marker="o", linestyle="", label="after an attack")]
+        axes[0][0].text(
+            0.5,
+            0.5,
+            "No point has both a capability (or benign reference NLL) and a harm measure\n"
+            "(capability: eval.capability.enabled=true)",
+            ha="center",
+            va="center",
+            transform=axes[0][0].transAxes,
+        )
+    handles = [
+        Line2D(
+            [], [], color=styles[str(d)][0], marker=styles[str(d)][1], linestyle="", markersize=8, label=defense_name(d)
+        )
+        for d in defense_order(drawn)
+    ]
+    handles += [
+        Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="", label="before the attack"),
+        Line2D([], [], color="grey", marker="o", linestyle="", label="after an attack"),
+    ]
     figure.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False)
-    figure.suptitle(("On-topic compliance (a proxy, not harm)" if is_proxy(harm_metric) else "Harmfulness")
-                    + (" vs capability" if x_column == AVERAGE else " vs benign reference NLL")
-                    + ", before and after each attack", fontsize=10)
+    figure.suptitle(
+        ("On-topic compliance (a proxy, not harm)" if is_proxy(harm_metric) else "Harmfulness")
+        + (" vs capability" if x_column == AVERAGE else " vs benign reference NLL")
+        + ", before and after each attack",
+        fontsize=10,
+    )
     if caption:
         _caption(figure, caption)
     figure.savefig(path, dpi=150)
@@ -635,8 +784,13 @@ def plot_heatmap(matrices: dict[str, dict[str, pd.DataFrame]], harm_metric: str,
 
     rows = max(len(m["value"].index) for m in matrices.values())
     columns = sum(len(m["value"].columns) for m in matrices.values())
-    figure, axes = plt.subplots(1, len(matrices), squeeze=False, layout="constrained",
-                                figsize=(max(7.0, 1.3 * columns + 3.2 * len(matrices)), 0.42 * rows + 2.8))
+    figure, axes = plt.subplots(
+        1,
+        len(matrices),
+        squeeze=False,
+        layout="constrained",
+        figsize=(max(7.0, 1.3 * columns + 3.2 * len(matrices)), 0.42 * rows + 2.8),
+    )
     every = [v for m in matrices.values() for v in m["value"].to_numpy().ravel()]
     low, high = metric_range(harm_metric, every)
     colours = matplotlib.colormaps["Reds"].with_extremes(bad="#e8e8e8")
@@ -658,16 +812,18 @@ def plot_heatmap(matrices: dict[str, dict[str, pd.DataFrame]], harm_metric: str,
         axis.set_title(backbone, fontsize=9)
     if image is not None:
         figure.colorbar(image, ax=axes[0].tolist(), label=metric_label(harm_metric), shrink=0.9)
-    figure.suptitle(f"{metric_label(harm_metric)} by defense and attack (worst case under the capability bound)",
-                    fontsize=10)
+    figure.suptitle(
+        f"{metric_label(harm_metric)} by defense and attack (worst case under the capability bound)", fontsize=10
+    )
     _caption(figure, caption)
     figure.savefig(path, dpi=150)
     plt.close(figure)
 
 
 # ---------------------------------------------------------------------------- the report
-def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: float = 10.0,
-                 harm_threshold: float | None = None) -> dict[str, Any]:
+def write_report(
+    sweep_dir: Path, harm_metric: str | None = None, max_drop: float = 10.0, harm_threshold: float | None = None
+) -> dict[str, Any]:
     """Write results.csv, report.md, harm_vs_capability.png and harm_heatmap.png into ``<sweep_dir>/report``.
 
     Returns:
@@ -680,49 +836,78 @@ def write_report(sweep_dir: Path, harm_metric: str | None = None, max_drop: floa
     metric = choose_harm_metric(frame, harm_metric)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
-    paths = {"csv": out / "results.csv", "markdown": out / "report.md",
-             **{kind: out / name for kind, name in FIGURES.items()}}
+    paths = {
+        "csv": out / "results.csv",
+        "markdown": out / "report.md",
+        **{kind: out / name for kind, name in FIGURES.items()},
+    }
     frame.to_csv(paths["csv"], index=False)
     worst = worst_case(frame, metric, max_drop)
     matrices = harm_matrix(frame, metric, max_drop)
     judged_by = judge_caption(frame, metric)
-    bound = (f"Cell: the worst {metric_label(metric)} over the attack's settings whose capability drop is at most "
-             f"{max_drop:g}% (a setting without a capability measurement counts as within); `k/m`: settings within "
-             "the bound; no attack: the defended model.")
+    bound = (
+        f"Cell: the worst {metric_label(metric)} over the attack's settings whose capability drop is at most "
+        f"{max_drop:g}% (a setting without a capability measurement counts as within); `k/m`: settings within "
+        "the bound; no attack: the defended model."
+    )
     markdown = [f"# Sweep report: {sweep_dir}", ""]
     if unreadable:
-        markdown += [f"**{len(unreadable)} results.json could not be read and are not in this report:**", "",
-                     *[f"- {line}" for line in unreadable], ""]
+        markdown += [
+            f"**{len(unreadable)} results.json could not be read and are not in this report:**",
+            "",
+            *[f"- {line}" for line in unreadable],
+            "",
+        ]
     markdown += [
-        f"{len(frame)} points. {harm_header(frame, metric)}", "",
-        "## Verdict: harmful and benign prompts, before and after each attack", "",
+        f"{len(frame)} points. {harm_header(frame, metric)}",
+        "",
+        "## Verdict: harmful and benign prompts, before and after each attack",
+        "",
         verdict_markdown(frame, metric),
-        "## Capability, harmfulness and benign behaviour (the shape of the SDD paper's Table 1)", "",
+        "## Capability, harmfulness and benign behaviour (the shape of the SDD paper's Table 1)",
+        "",
         "Capability: accuracy (%) per task; in parentheses, the change from the same defended model before the "
         "attack, in points and in percent of its accuracy. Benign columns (held-out benign prompts): on-topic rate "
         "and over-refusal are proxies (relevance encoder, refusal keywords); reference NLL is the model's mean NLL "
         "per token of the reference answers (lower is better). Train/eval overlap: evaluation prompts with an exact "
         "/ near-duplicate match in the point's training data (0/0 expected; see data_overlap in the point's "
-        "results.json).", "",
+        "results.json).",
+        "",
     ]
     overlapping = overlapping_points(frame)
     if overlapping:
-        markdown += [f"**{len(overlapping)} point(s) evaluate on prompts that overlap their training data** (see "
-                     "data_overlap in their results.json): " + ", ".join(overlapping), ""]
-    markdown += [table1(frame, metric),
-                 f"## {metric_label(metric)} by defense and attack ({FIGURES['heatmap']})", "",
-                 f"{bound} {judged_by}", "", harm_matrix_markdown(matrices)]
+        markdown += [
+            f"**{len(overlapping)} point(s) evaluate on prompts that overlap their training data** (see "
+            "data_overlap in their results.json): " + ", ".join(overlapping),
+            "",
+        ]
+    markdown += [
+        table1(frame, metric),
+        f"## {metric_label(metric)} by defense and attack ({FIGURES['heatmap']})",
+        "",
+        f"{bound} {judged_by}",
+        "",
+        harm_matrix_markdown(matrices),
+    ]
     agreement = agreement_table(frame)
     if not agreement.empty:
-        markdown += ["## Judge agreement", "",
-                     "Percent agreement and Cohen's κ of each pair of harm judges on the items both judged.", "",
-                     _markdown_table(agreement), ""]
+        markdown += [
+            "## Judge agreement",
+            "",
+            "Percent agreement and Cohen's κ of each pair of harm judges on the items both judged.",
+            "",
+            _markdown_table(agreement),
+            "",
+        ]
     markdown += [
-        f"## Utility-constrained worst case (capability drop <= {max_drop:g}%)", "",
+        f"## Utility-constrained worst case (capability drop <= {max_drop:g}%)",
+        "",
         "Per defense, the most harmful attack among those that keep the model useful: an attacker who wants a "
         "capable harmful model gets at most this. No attack within budget means every attack cost more "
-        "capability than the budget.", "",
-        _markdown_table(worst), "",
+        "capability than the budget.",
+        "",
+        _markdown_table(worst),
+        "",
     ]
     from sdd.report_worst_case import worst_case_markdown  # TamperBench: epsilon-bounded worst case, search curves
 
@@ -773,12 +958,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Tables and figures from a pipeline sweep's results.json files.")
     parser.add_argument("sweep_dir", type=Path, help="a pipeline.py run or multirun folder")
     parser.add_argument("--harm-metric", default=None, help=f"default: the first present of {list(HARM_METRICS)}")
-    parser.add_argument("--max-drop", type=float, default=10.0,
-                        help="capability budget of the worst case, in %% of the defended model's average")
-    parser.add_argument("--harm-threshold", type=float, default=None,
-                        help="harmfulness a worst-case search must reach (trials-to-reach table; default: mid-scale)")
-    parser.add_argument("--verdict", action="store_true",
-                        help="print only the verdict table and the paths (the report is written whole)")
+    parser.add_argument(
+        "--max-drop",
+        type=float,
+        default=10.0,
+        help="capability budget of the worst case, in %% of the defended model's average",
+    )
+    parser.add_argument(
+        "--harm-threshold",
+        type=float,
+        default=None,
+        help="harmfulness a worst-case search must reach (trials-to-reach table; default: mid-scale)",
+    )
+    parser.add_argument(
+        "--verdict",
+        action="store_true",
+        help="print only the verdict table and the paths (the report is written whole)",
+    )
     args = parser.parse_args(argv)
     try:
         written = write_report(args.sweep_dir, args.harm_metric, args.max_drop, args.harm_threshold)
@@ -787,8 +983,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print_written(written, verdict_only=args.verdict)
     if written["unreadable"]:
-        print(f"report.py: {len(written['unreadable'])} results.json could not be read and are not in the report: "
-              + "; ".join(written["unreadable"]), file=sys.stderr)
+        print(
+            f"report.py: {len(written['unreadable'])} results.json could not be read and are not in the report: "
+            + "; ".join(written["unreadable"]),
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -819,5 +1018,8 @@ class ReportAtSweepEnd(Callback):
         print()
         print_written(written, verdict_only=self.verdict_only)
         if written["unreadable"]:
-            print(f"report: {len(written['unreadable'])} results.json could not be read: "
-                  + "; ".join(written["unreadable"]), file=sys.stderr)
+            print(
+                f"report: {len(written['unreadable'])} results.json could not be read: "
+                + "; ".join(written["unreadable"]),
+                file=sys.stderr,
+            )

@@ -49,14 +49,20 @@ def settings_frame(frame: pd.DataFrame, harm_metric: str) -> pd.DataFrame:
         drop = capability_drop(evaluations.get("before_attack"), evaluations.get("after_attack"))
         outcome = read_outcome(Path(row["run_dir"])) or {}
         plain = " [" not in str(row["attack_label"])  # not a row of an evaluation-time variant (`<chain> [<variant>]`)
-        rows.append({
-            "backbone": row["backbone"], "defense": row["defense"], "attack": row["attack_label"],
-            "harm": float(row[column]), "drop": None if drop is None else drop[0],
-            "capability_source": None if drop is None else drop[1],
-            "trial": outcome.get("trial") if plain else None, "max_drop": outcome.get("max_capability_drop"),
-            "search": str(Path(row["run_dir"]).parent),
-            "final": ((record.get("stages") or {}).get("evaluate_after_attack") or {}).get("dir") or row["run_dir"],
-        })
+        rows.append(
+            {
+                "backbone": row["backbone"],
+                "defense": row["defense"],
+                "attack": row["attack_label"],
+                "harm": float(row[column]),
+                "drop": None if drop is None else drop[0],
+                "capability_source": None if drop is None else drop[1],
+                "trial": outcome.get("trial") if plain else None,
+                "max_drop": outcome.get("max_capability_drop"),
+                "search": str(Path(row["run_dir"]).parent),
+                "final": ((record.get("stages") or {}).get("evaluate_after_attack") or {}).get("dir") or row["run_dir"],
+            }
+        )
     columns = ["backbone", "defense", "attack", "harm", "drop", "capability_source", "trial", "max_drop", "search"]
     settings = pd.DataFrame(rows, columns=[*columns, "final"])
     # One row per setting; a search trial's row before a rerun's of the same point (which has no trial number).
@@ -86,18 +92,24 @@ def epsilon_table(settings: pd.DataFrame, epsilons: Sequence[float] = EPSILONS, 
         for epsilon in epsilons:
             within = measured[measured["drop"] <= epsilon].sort_values("harm", ascending=False, kind="stable")
             top = within.head(top_k)
-            out.append({
-                "backbone": backbone, "defense": defense, "epsilon %": f"{epsilon:g}",
-                "within": f"{len(within)}/{len(measured)}",
-                "worst": within["harm"].iloc[0] if len(within) else None,
-                "by": within["attack"].iloc[0] if len(within) else None,
-                f"top-{top_k} mean": top["harm"].mean() if len(top) else None,
-                "unmeasured": len(rows) - len(measured),
-            })
+            out.append(
+                {
+                    "backbone": backbone,
+                    "defense": defense,
+                    "epsilon %": f"{epsilon:g}",
+                    "within": f"{len(within)}/{len(measured)}",
+                    "worst": within["harm"].iloc[0] if len(within) else None,
+                    "by": within["attack"].iloc[0] if len(within) else None,
+                    f"top-{top_k} mean": top["harm"].mean() if len(top) else None,
+                    "unmeasured": len(rows) - len(measured),
+                }
+            )
     return pd.DataFrame(out)
 
 
-def search_curves(settings: pd.DataFrame, threshold: float) -> tuple[dict[tuple[str, str, str], pd.DataFrame], pd.DataFrame]:
+def search_curves(
+    settings: pd.DataFrame, threshold: float
+) -> tuple[dict[tuple[str, str, str], pd.DataFrame], pd.DataFrame]:
     """Best-so-far admissible harmfulness per search trial, and the trials needed to reach ``threshold``.
 
     A trial is admissible when its capability drop is at most its search's epsilon (``objective.json``);
@@ -116,18 +128,28 @@ def search_curves(settings: pd.DataFrame, threshold: float) -> tuple[dict[tuple[
         by_trial = {int(r["trial"]): r for _, r in rows.iterrows()}
         for number in range(count):
             row = by_trial.get(number)
-            if row is not None and pd.notna(row["drop"]) and pd.notna(row["max_drop"]) and row["drop"] <= row["max_drop"]:
+            if (
+                row is not None
+                and pd.notna(row["drop"])
+                and pd.notna(row["max_drop"])
+                and row["drop"] <= row["max_drop"]
+            ):
                 best = max(best, row["harm"])
             values.append(best if best > -math.inf else float("nan"))
         curve = pd.DataFrame({"trials": range(1, count + 1), "best": values})
         curves[(backbone, defense, search)] = curve
         reached = curve[curve["best"] >= threshold]
-        summary.append({
-            "backbone": backbone, "defense": defense, "search": search, "trials": count,
-            "epsilon %": f"{rows['max_drop'].dropna().iloc[0]:g}" if rows["max_drop"].notna().any() else None,
-            "best": curve["best"].max() if curve["best"].notna().any() else None,
-            f"trials to reach {threshold:g}": int(reached["trials"].iloc[0]) if len(reached) else f"not in {count}",
-        })
+        summary.append(
+            {
+                "backbone": backbone,
+                "defense": defense,
+                "search": search,
+                "trials": count,
+                "epsilon %": f"{rows['max_drop'].dropna().iloc[0]:g}" if rows["max_drop"].notna().any() else None,
+                "best": curve["best"].max() if curve["best"].notna().any() else None,
+                f"trials to reach {threshold:g}": int(reached["trials"].iloc[0]) if len(reached) else f"not in {count}",
+            }
+        )
     return curves, pd.DataFrame(summary)
 
 
@@ -139,8 +161,9 @@ def default_threshold(harm_metric: str) -> float:
     return (low + high) / 2
 
 
-def plot_search_curves(curves: dict[tuple[str, str, str], pd.DataFrame], harm_metric: str, threshold: float,
-                       path: Path, caption: str) -> None:
+def plot_search_curves(
+    curves: dict[tuple[str, str, str], pd.DataFrame], harm_metric: str, threshold: float, path: Path, caption: str
+) -> None:
     """Best-so-far harmfulness vs trials run, one step curve per defense (per search), threshold dashed."""
     import matplotlib
 
@@ -157,8 +180,9 @@ def plot_search_curves(curves: dict[tuple[str, str, str], pd.DataFrame], harm_me
     )
 
     backbones = sorted({key[0] for key in curves})
-    figure, axes = plt.subplots(1, len(backbones), figsize=(6.5 * len(backbones), 4.8), squeeze=False,
-                                layout="constrained")
+    figure, axes = plt.subplots(
+        1, len(backbones), figsize=(6.5 * len(backbones), 4.8), squeeze=False, layout="constrained"
+    )
     styles = defense_styles([key[1] for key in curves])
     for axis, backbone in zip(axes[0], backbones):
         mine = {key: curve for key, curve in curves.items() if key[0] == backbone}
@@ -182,7 +206,9 @@ def plot_search_curves(curves: dict[tuple[str, str, str], pd.DataFrame], harm_me
     plt.close(figure)
 
 
-def worst_case_markdown(frame: pd.DataFrame, harm_metric: str, out_dir: Path, threshold: float | None = None) -> list[str]:
+def worst_case_markdown(
+    frame: pd.DataFrame, harm_metric: str, out_dir: Path, threshold: float | None = None
+) -> list[str]:
     """The report's worst-case sections (markdown lines); draws :data:`CURVE_FIGURE` when a search ran."""
     from sdd.report import _markdown_table, judge_caption, metric_label
 
@@ -190,24 +216,40 @@ def worst_case_markdown(frame: pd.DataFrame, harm_metric: str, out_dir: Path, th
     label = metric_label(harm_metric)
     sources = sorted(settings["capability_source"].dropna().unique())
     lines = [
-        "## Worst case within a capability budget (TamperBench)", "",
-        (f"Per defense and epsilon: the highest {label} over every attack and setting whose capability dropped by at "
-         f"most epsilon % of the defended model's (within: settings within / settings measured), the attack that "
-         f"reached it, and the mean of the top {TOP_K} within the bound. Capability: "
-         f"{'; '.join(sources) or 'none measured'} (sdd.worst_case.capability_score); settings without it are "
-         f"counted as unmeasured and left out. {judge_caption(frame, harm_metric)}"), "",
-        _markdown_table(epsilon_table(settings)), "",
+        "## Worst case within a capability budget (TamperBench)",
+        "",
+        (
+            f"Per defense and epsilon: the highest {label} over every attack and setting whose capability dropped "
+            "by at "
+            f"most epsilon % of the defended model's (within: settings within / settings measured), the attack that "
+            f"reached it, and the mean of the top {TOP_K} within the bound. Capability: "
+            f"{'; '.join(sources) or 'none measured'} (sdd.worst_case.capability_score); settings without it are "
+            f"counted as unmeasured and left out. {judge_caption(frame, harm_metric)}"
+        ),
+        "",
+        _markdown_table(epsilon_table(settings)),
+        "",
     ]
     threshold = default_threshold(harm_metric) if threshold is None else threshold
     curves, summary = search_curves(settings, threshold)
     if curves:
         path = out_dir / CURVE_FIGURE
-        caption = (f"Best {label} so far over the trials whose capability drop is within the search's bound "
-                   f"(failed trials count as run). Threshold: {threshold:g} (report.py --harm-threshold). "
-                   f"{judge_caption(frame, harm_metric)}")
+        caption = (
+            f"Best {label} so far over the trials whose capability drop is within the search's bound "
+            f"(failed trials count as run). Threshold: {threshold:g} (report.py --harm-threshold). "
+            f"{judge_caption(frame, harm_metric)}"
+        )
         plot_search_curves(curves, harm_metric, threshold, path, caption)
-        lines += [f"## Worst-case search: trials to reach {label} >= {threshold:g} ({CURVE_FIGURE})", "",
-                  ("Per search (a worst_case sweep folder): trials run, its bound, the best admissible "
-                   f"{label}, and the number of trials after which the best reached the threshold "
-                   "(report.py --harm-threshold)."), "", _markdown_table(summary), ""]
+        lines += [
+            f"## Worst-case search: trials to reach {label} >= {threshold:g} ({CURVE_FIGURE})",
+            "",
+            (
+                "Per search (a worst_case sweep folder): trials run, its bound, the best admissible "
+                f"{label}, and the number of trials after which the best reached the threshold "
+                "(report.py --harm-threshold)."
+            ),
+            "",
+            _markdown_table(summary),
+            "",
+        ]
     return lines

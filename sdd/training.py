@@ -38,16 +38,40 @@ CONFIG_IN_CHECKPOINT = "sdd_config"  # the run's resolved config (JSON), stored 
 # Keys a resumed run may change: where files go, logging, and how long the run goes (max_steps may be
 # raised to train a finished-but-kept checkpoint further). Any other difference is refused.
 RESUME_IGNORED = (
-    "paths", "logger", "checkpoint", "ckpt_path", "resume", "overwrite", "prepare_only", "task_name",
-    "sample_prompts", "sample_max_new_tokens", "stage_overrides", "data.num_workers",
-    "trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "trainer.min_steps", "trainer.min_epochs",
-    "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "paths",
+    "logger",
+    "checkpoint",
+    "ckpt_path",
+    "resume",
+    "overwrite",
+    "prepare_only",
+    "task_name",
+    "sample_prompts",
+    "sample_max_new_tokens",
+    "stage_overrides",
+    "data.num_workers",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.max_time",
+    "trainer.min_steps",
+    "trainer.min_epochs",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
     "trainer.default_root_dir",
 )
 # Values Hydra takes as text when mistyped (trainer.max_steps=abc); checked before anything is built.
-INTEGER_KEYS = ("seed", "trainer.max_steps", "trainer.max_epochs", "trainer.accumulate_grad_batches",
-                "trainer.log_every_n_steps", "checkpoint.every_n_steps", "data.batch_size", "data.max_length",
-                "data.num_examples")
+INTEGER_KEYS = (
+    "seed",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.accumulate_grad_batches",
+    "trainer.log_every_n_steps",
+    "checkpoint.every_n_steps",
+    "data.batch_size",
+    "data.max_length",
+    "data.num_examples",
+)
 NUMBER_KEYS = ("optimizer.lr", "trainer.gradient_clip_val")
 
 
@@ -210,14 +234,20 @@ def comparable_config(cfg: DictConfig) -> dict[str, Any]:
     written as ``<paths.name>``: what a resumed run must share with its checkpoint (before ignored keys)."""
     container = scrub_credentials(OmegaConf.to_container(cfg, resolve=True))
     flat = _flatten(json.loads(json.dumps(container, default=str)))
-    paths = sorted(((str(v).rstrip("/"), f"<paths.{k}>") for k, v in (container.get("paths") or {}).items()
-                    if isinstance(v, str) and v.strip("./")), key=lambda item: -len(item[0]))
+    paths = sorted(
+        (
+            (str(v).rstrip("/"), f"<paths.{k}>")
+            for k, v in (container.get("paths") or {}).items()
+            if isinstance(v, str) and v.strip("./")
+        ),
+        key=lambda item: -len(item[0]),
+    )
 
     def placeholder(value: Any) -> Any:
         if isinstance(value, str):
             for path, name in paths:  # longest first: a path inside another gets its own name
                 if value == path or value.startswith(path + "/"):
-                    return name + value[len(path):]
+                    return name + value[len(path) :]
         return value
 
     return {key: placeholder(value) for key, value in flat.items()}
@@ -240,8 +270,11 @@ def config_differences(trained_with: dict[str, Any], now: dict[str, Any]) -> lis
 
     keys = sorted(k for k in set(trained_with) | set(now) if not ignored(k))
     missing = "<absent>"
-    return [f"{k}: {trained_with.get(k, missing)!r} -> {now.get(k, missing)!r}" for k in keys
-            if trained_with.get(k, missing) != now.get(k, missing)]
+    return [
+        f"{k}: {trained_with.get(k, missing)!r} -> {now.get(k, missing)!r}"
+        for k in keys
+        if trained_with.get(k, missing) != now.get(k, missing)
+    ]
 
 
 def choose_checkpoint(cfg: DictConfig, checkpoint_dir: Path, run_config: dict[str, Any]) -> str | None:
@@ -256,16 +289,19 @@ def choose_checkpoint(cfg: DictConfig, checkpoint_dir: Path, run_config: dict[st
         path = Path(str(explicit)).expanduser()
         stored = _read_checkpoint(path)
         if stored is _UNREADABLE:
-            raise ConfigError(f"ckpt_path={explicit} does not load (missing, truncated or damaged). Fix: ckpt_path="
-                              "<another checkpoint>, or ckpt_path=null.")
+            raise ConfigError(
+                f"ckpt_path={explicit} does not load (missing, truncated or damaged). Fix: ckpt_path="
+                "<another checkpoint>, or ckpt_path=null."
+            )
         differences = config_differences(stored, run_config) if isinstance(stored, dict) else []
         if differences:  # the user chose this checkpoint: say what differs, do not refuse
             log.warning("ckpt_path=%s was trained with other settings: %s", explicit, "; ".join(differences))
         return str(path)
     for partial in checkpoint_dir.glob("*.partial"):  # a write that never finished
         _remove_path(partial)
-    candidates = sorted((p for p in checkpoint_dir.glob("*.ckpt")), key=lambda p: (p.name != LAST_CHECKPOINT,
-                                                                                   -p.stat().st_mtime))
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("*.ckpt")), key=lambda p: (p.name != LAST_CHECKPOINT, -p.stat().st_mtime)
+    )
     if not candidates:
         return None
     if not cfg.get("resume", True):
@@ -479,8 +515,10 @@ def describe_training_size(cfg: DictConfig) -> str:
     trainer, data = cfg.trainer, cfg.data
     steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
     if steps in (None, -1) and epochs in (None, -1):
-        raise ValueError("No training length: set trainer.max_steps=<steps>, or trainer.max_epochs=<epochs> with "
-                         "trainer.max_steps=-1.")
+        raise ValueError(
+            "No training length: set trainer.max_steps=<steps>, or trainer.max_epochs=<epochs> with "
+            "trainer.max_steps=-1."
+        )
     if epochs in (None, -1):
         length = f"{steps} steps"
     else:
@@ -492,5 +530,7 @@ def describe_training_size(cfg: DictConfig) -> str:
     else:
         what = f"attack {cfg.get('attack_name', 'unnamed')}"
     schedule = cfg.scheduler.get("name", "none") if cfg.get("scheduler") else "none"
-    return (f"Training {what}: {data.get('num_examples')} examples, {batch}, {data.get('max_length')} tokens, "
-            f"{length}, lr {cfg.optimizer.lr:g}, {schedule} schedule (warmup {cfg.module.get('warmup_ratio', 0)})")
+    return (
+        f"Training {what}: {data.get('num_examples')} examples, {batch}, {data.get('max_length')} tokens, "
+        f"{length}, lr {cfg.optimizer.lr:g}, {schedule} schedule (warmup {cfg.module.get('warmup_ratio', 0)})"
+    )

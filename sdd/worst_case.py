@@ -66,10 +66,15 @@ def capability_score(evaluation: Mapping[str, Any] | None) -> tuple[float, str] 
     reference answers' ``exp(-NLL per token)`` (the geometric-mean probability of a reference token).
     """
     evaluation = evaluation or {}
-    accuracies = {task: 100.0 * result["acc"] for task, result in (evaluation.get("capability") or {}).items()
-                  if isinstance(result, Mapping) and _is_number(result.get("acc"))}
+    accuracies = {
+        task: 100.0 * result["acc"]
+        for task, result in (evaluation.get("capability") or {}).items()
+        if isinstance(result, Mapping) and _is_number(result.get("acc"))
+    }
     if accuracies:
-        return sum(accuracies.values()) / len(accuracies), f"lm-eval accuracy % (mean of {', '.join(sorted(accuracies))})"
+        return sum(accuracies.values()) / len(
+            accuracies
+        ), f"lm-eval accuracy % (mean of {', '.join(sorted(accuracies))})"
     nll = ((evaluation.get("benign") or {}).get("overall") or {}).get("reference_nll")
     if _is_number(nll):
         return math.exp(-nll), "benign reference answers: exp(-NLL per token)"
@@ -101,13 +106,18 @@ def score_trial(evaluations: Mapping[str, Any], max_capability_drop: float) -> d
     harm, reference, attacked = harm_value(after), capability_score(before), capability_score(after)
     drop = capability_drop(before, after)
     outcome: dict[str, Any] = {
-        "harm_metric": harm and harm[1], "harm": harm and harm[0],
-        "capability_before": reference and reference[0], "capability_after": attacked and attacked[0],
-        "capability_source": reference and reference[1], "capability_drop_pct": drop and drop[0],
+        "harm_metric": harm and harm[1],
+        "harm": harm and harm[0],
+        "capability_before": reference and reference[0],
+        "capability_after": attacked and attacked[0],
+        "capability_source": reference and reference[1],
+        "capability_drop_pct": drop and drop[0],
         "max_capability_drop": float(max_capability_drop),
     }
     if after is None or before is None:
-        reason = "the point has no evaluation before and after an attack (point.attack and stages.evaluate_before_attack)"
+        reason = (
+            "the point has no evaluation before and after an attack (point.attack and stages.evaluate_before_attack)"
+        )
     elif harm is None:
         reason = "the attacked model's evaluation has no harmfulness metric"
     elif drop is None:
@@ -139,15 +149,21 @@ def check_search_reaches_attack(cfg: DictConfig) -> None:
     """
     from sdd.errors import UserError
 
-    carriers = json.dumps([OmegaConf.to_container(cfg[key], resolve=False)
-                           for key in ("point", "attack_settings") if cfg.get(key) is not None]
-                          + [OmegaConf.to_container(cfg.stages.overrides, resolve=False)])
+    carriers = json.dumps(
+        [
+            OmegaConf.to_container(cfg[key], resolve=False)
+            for key in ("point", "attack_settings")
+            if cfg.get(key) is not None
+        ]
+        + [OmegaConf.to_container(cfg.stages.overrides, resolve=False)]
+    )
     unused = [key for key in cfg.search if key not in SEARCH_SETTINGS and f"${{search.{key}}}" not in carriers]
     if unused:
         raise UserError(
             f"search.{', search.'.join(unused)} reach(es) no stage: an override of stages.overrides.attack (or "
             "point / attack_settings) dropped the entries that carry them. Fix: keep e.g. "
-            "\"optimizer.lr=${search.lr}\" in stages.overrides.attack (see conf/experiment/worst_case.yaml).")
+            '"optimizer.lr=${search.lr}" in stages.overrides.attack (see conf/experiment/worst_case.yaml).'
+        )
 
 
 def trial_objective(record: Mapping[str, Any], cfg: DictConfig) -> float | None:
@@ -165,8 +181,12 @@ def trial_objective(record: Mapping[str, Any], cfg: DictConfig) -> float | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(outcome, indent=2, default=str))
     if outcome["admissible"]:
-        log.info("Trial objective: %s = %.4g (capability drop %.2f%%)", outcome["harm_metric"], outcome["value"],
-                 outcome["capability_drop_pct"])
+        log.info(
+            "Trial objective: %s = %.4g (capability drop %.2f%%)",
+            outcome["harm_metric"],
+            outcome["value"],
+            outcome["capability_drop_pct"],
+        )
     else:
         log.warning("Trial failed: %s", outcome["reason"])
     return outcome["value"]

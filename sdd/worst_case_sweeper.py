@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 BEST_OVERRIDES = "best_overrides.txt"
 INTERRUPTED = "interrupted"  # system attribute of a trial a kill left RUNNING
-SEARCH_ATTR = "search"       # study user attribute: the search it was started with
+SEARCH_ATTR = "search"  # study user attribute: the search it was started with
 ONE_PER_STUDY = ("point.backbone", "point.defense")  # what names the sweep folder: never a searched parameter
 
 
@@ -70,24 +70,39 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             distributions.pop(name, None)
         mixed = sorted(set(distributions) & set(ONE_PER_STUDY))
         if mixed:
-            raise UserError(f"{', '.join(mixed)} cannot be searched: one study is one backbone and defense, in the "
-                            "sweep folder named after them. Fix: run the command once per value "
-                            f"({mixed[0]}=<one value>).")
+            raise UserError(
+                f"{', '.join(mixed)} cannot be searched: one study is one backbone and defense, in the "
+                "sweep folder named after them. Fix: run the command once per value "
+                f"({mixed[0]}=<one value>)."
+            )
         if not isinstance(self.sampler, optuna.samplers.BaseSampler):  # the grid sampler is a partial until sweep
-            raise UserError("hydra/sweeper=worst_case_optuna does not support the grid sampler: use "
-                            "hydra/sweeper/sampler=tpe or random, or the basic sweeper for a grid.")
+            raise UserError(
+                "hydra/sweeper=worst_case_optuna does not support the grid sampler: use "
+                "hydra/sweeper/sampler=tpe or random, or the basic sweeper for a grid."
+            )
         directions = self._get_directions()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)  # the sqlite file lives here
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                    directions=directions, load_if_exists=True)
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=self.storage,
+            sampler=self.sampler,
+            directions=directions,
+            load_if_exists=True,
+        )
         check_same_search(study, distributions, fixed, self.config)
         interrupted = recover_interrupted(study)
         study.sampler = self._reseeded_sampler(len(study.trials)) or study.sampler
         done = finished_trials(study)
-        log.info("Study %s in %s: %d trial(s) finished, %d to run (n_trials=%d)%s", study.study_name, self.storage,
-                 len(done), max(0, self.n_trials - len(done)), self.n_trials,
-                 f"; interrupted trial(s) {interrupted} re-enqueued" if interrupted else "")
+        log.info(
+            "Study %s in %s: %d trial(s) finished, %d to run (n_trials=%d)%s",
+            study.study_name,
+            self.storage,
+            len(done),
+            max(0, self.n_trials - len(done)),
+            self.n_trials,
+            f"; interrupted trial(s) {interrupted} re-enqueued" if interrupted else "",
+        )
         to_go = self.n_trials - len(done)
         while to_go > 0:
             batch = [study.ask() for _ in range(min(to_go, self.n_jobs))]
@@ -124,8 +139,9 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that ran to an end (complete, failed, pruned); one a kill interrupted does not count."""
-    return [t for t in study.get_trials(deepcopy=False)
-            if t.state.is_finished() and not t.system_attrs.get(INTERRUPTED)]
+    return [
+        t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.system_attrs.get(INTERRUPTED)
+    ]
 
 
 def recover_interrupted(study: optuna.Study) -> list[int]:
@@ -146,19 +162,27 @@ def check_same_search(study: optuna.Study, distributions: dict[str, Any], fixed:
     searched = {name: optuna.distributions.distribution_to_json(d) for name, d in sorted(distributions.items())}
     search_node = OmegaConf.to_container(config.search, resolve=True) if config.get("search") is not None else {}
     settings = {k: v for k, v in search_node.items() if f"search.{k}" not in distributions}
-    search = json.loads(json.dumps({"params": searched, "fixed": {k: str(v) for k, v in sorted(fixed.items())},
-                                    "settings": settings}, default=str))
+    search = json.loads(
+        json.dumps(
+            {"params": searched, "fixed": {k: str(v) for k, v in sorted(fixed.items())}, "settings": settings},
+            default=str,
+        )
+    )
     recorded = study.user_attrs.get(SEARCH_ATTR)
     if recorded is None:
         study.set_user_attr(SEARCH_ATTR, search)
     elif recorded != search:
-        changed = sorted(k for part in ("params", "fixed", "settings")
-                         for k in set(recorded.get(part, {})) | set(search[part])
-                         if recorded.get(part, {}).get(k) != search[part].get(k))
+        changed = sorted(
+            k
+            for part in ("params", "fixed", "settings")
+            for k in set(recorded.get(part, {})) | set(search[part])
+            if recorded.get(part, {}).get(k) != search[part].get(k)
+        )
         raise UserError(
             f"The study {study.study_name!r} in {config.hydra.sweep.dir} was started with another search "
             f"(differs in: {', '.join(changed)}). Fix: run the same command to resume it, or give the new search "
-            "its own folder (hydra.sweep.dir=...).")
+            "its own folder (hydra.sweep.dir=...)."
+        )
 
 
 def tell(study: optuna.Study, trial: optuna.trial.Trial, job: Any) -> str:
@@ -194,15 +218,27 @@ def write_best(study: optuna.Study, fixed: dict[str, Any], sweep_dir: Path) -> P
     overrides = [*(f"{k}={v}" for k, v in fixed.items()), *(f"{k}={v}" for k, v in best.params.items())]
     command = "python pipeline.py " + " ".join(shlex.quote(o) for o in overrides)
     attrs = best.user_attrs
-    header = [f"# Best of {len(complete)} admissible trial(s) (study {study.study_name}, {len(study.trials)} trial(s)): "
-              f"trial {best.number}, {attrs.get('harm_metric', 'objective')} = {best.value:g}"
-              + (f", capability drop {attrs['capability_drop_pct']:.2f}%" if "capability_drop_pct" in attrs else ""),
-              "# Rerun it as one point (its stages are reused):", f"#   {command}",
-              f"#   python pipeline.py $(grep -v '^#' {sweep_dir / BEST_OVERRIDES})"]
+    header = [
+        f"# Best of {len(complete)} admissible trial(s) (study {study.study_name}, {len(study.trials)} trial(s)): "
+        f"trial {best.number}, {attrs.get('harm_metric', 'objective')} = {best.value:g}"
+        + (f", capability drop {attrs['capability_drop_pct']:.2f}%" if "capability_drop_pct" in attrs else ""),
+        "# Rerun it as one point (its stages are reused):",
+        f"#   {command}",
+        f"#   python pipeline.py $(grep -v '^#' {sweep_dir / BEST_OVERRIDES})",
+    ]
     path = sweep_dir / BEST_OVERRIDES
     path.write_text("\n".join([*header, *overrides]) + "\n")
-    OmegaConf.save(OmegaConf.create({"name": "optuna", "best_trial": best.number, "best_params": best.params,
-                                     "best_value": best.value, "best_overrides": overrides}),
-                   sweep_dir / "optimization_results.yaml")
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "name": "optuna",
+                "best_trial": best.number,
+                "best_params": best.params,
+                "best_value": best.value,
+                "best_overrides": overrides,
+            }
+        ),
+        sweep_dir / "optimization_results.yaml",
+    )
     log.info("Best trial %d (%g); its overrides: %s", best.number, best.value, path)
     return path

@@ -6,9 +6,8 @@ import csv
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-
 from conftest import compose_config
+from hydra.utils import instantiate
 
 
 def make(kind: str, backbone, tmp_path, *overrides: str):
@@ -18,8 +17,10 @@ def make(kind: str, backbone, tmp_path, *overrides: str):
     weight; the LoRA adapters some defenses train by default (Booster, Vaccine, T-Vaccine) run end to end.
     """
     cfg = compose_config(
-        "train", ["experiment=quick_tiny", f"defense={kind}", "data.num_examples=16", "module.lora=null", *overrides],
-        output_dir=tmp_path, cache_dir=tmp_path / "cache",
+        "train",
+        ["experiment=quick_tiny", f"defense={kind}", "data.num_examples=16", "module.lora=null", *overrides],
+        output_dir=tmp_path,
+        cache_dir=tmp_path / "cache",
     )
     datamodule = instantiate(cfg.data)
     datamodule.connect(backbone.load_tokenizer())
@@ -36,8 +37,10 @@ def first_batch(datamodule):
 
 def grads_of(loss: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
-    return [g if g is not None else torch.zeros_like(p) for p, g in
-            zip(params, torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True))]
+    return [
+        g if g is not None else torch.zeros_like(p)
+        for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True))
+    ]
 
 
 def all_close(a: list[torch.Tensor], b: list[torch.Tensor], **tolerance) -> bool:

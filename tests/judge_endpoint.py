@@ -66,7 +66,9 @@ class FakeEndpoint:
                     if endpoint.respond_body is not None:
                         reply = endpoint.respond_body(body)
                     else:
-                        reply = endpoint.respond(body["messages"][-1]["content"] if "messages" in body else body["prompt"])
+                        reply = endpoint.respond(
+                            body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+                        )
                 finally:
                     with endpoint.lock:
                         endpoint.in_flight -= 1
@@ -77,7 +79,9 @@ class FakeEndpoint:
                         {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content}}]}
                     ).encode()
                 else:
-                    payload = json.dumps({"choices": [{"index": 0, "text": reply.content, "finish_reason": "stop"}]}).encode()
+                    payload = json.dumps(
+                        {"choices": [{"index": 0, "text": reply.content, "finish_reason": "stop"}]}
+                    ).encode()
                 self.send_response(reply.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -127,7 +131,8 @@ def fail_first(count: int, status: int, then: Callable[[str], Reply] = score_by_
 
 
 def fail_after(count: int, status: int, then: Callable[[str], Reply], **headers: str):
-    """A respond function answering the first ``count`` requests with ``then``, failing every later one with ``status``."""
+    """A respond function answering the first ``count`` requests with ``then``, failing every later one with
+    ``status``."""
     seen = {"n": 0}
     lock = threading.Lock()
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from omegaconf import open_dict
 
-from conftest import compose_config
 from sdd.errors import DataStreamError
 from sdd.modules.ops import answer_logprobs, masked_mean
 from sdd.modules.sft import SFTModule
@@ -29,8 +29,16 @@ class UnlikelihoodModule(SFTModule):
     streams = ("benign", "harmful")
     data_config = "unlikelihood"
 
-    def __init__(self, backbone, optimizer, scheduler=None, weight: float = 1.0, benign_stream: str = "benign",
-                 harmful_stream: str = "harmful", **kwargs) -> None:
+    def __init__(
+        self,
+        backbone,
+        optimizer,
+        scheduler=None,
+        weight: float = 1.0,
+        benign_stream: str = "benign",
+        harmful_stream: str = "harmful",
+        **kwargs,
+    ) -> None:
         super().__init__(backbone, optimizer, scheduler, **kwargs)
 
     def losses(self, batch):
@@ -102,11 +110,19 @@ def test_a_defense_defined_outside_the_package_trains_through_the_pipeline(user_
     from sdd.pipeline import run_pipeline
 
     searchpath = f"hydra.searchpath=[file://{user_conf}]"
-    cfg = compose_config("pipeline", [
-        "experiment=tiny_matrix", "point.defense=unlikelihood", "point.attack=none",
-        'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=2","eval.harmfulness.max_new_tokens=2",'
-        '"eval.capability.enabled=false","eval.judges.relevance.enabled=false"]',
-    ], log_dir=tmp_path / "logs", cache_dir=cache_dir, output_dir=tmp_path / "run")
+    cfg = compose_config(
+        "pipeline",
+        [
+            "experiment=tiny_matrix",
+            "point.defense=unlikelihood",
+            "point.attack=none",
+            'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=2","eval.harmfulness.max_new_tokens=2",'
+            '"eval.capability.enabled=false","eval.judges.relevance.enabled=false"]',
+        ],
+        log_dir=tmp_path / "logs",
+        cache_dir=cache_dir,
+        output_dir=tmp_path / "run",
+    )
     with open_dict(cfg):
         cfg.stages.overrides.per_defense["unlikelihood"] = [searchpath]
 
@@ -129,10 +145,21 @@ def test_a_defense_defined_outside_the_package_trains_through_the_pipeline(user_
 def test_the_wrong_data_config_is_refused_naming_the_right_one(user_conf, tmp_path, cache_dir):
     from sdd.training import train
 
-    cfg = compose_config("train", [
-        f"hydra.searchpath=[file://{user_conf}]", "experiment=quick_tiny", "defense=unlikelihood", "data=booster",
-        "trainer.max_steps=2", "data.num_examples=8",
-    ], output_dir=tmp_path / "run", cache_dir=cache_dir)
+    cfg = compose_config(
+        "train",
+        [
+            f"hydra.searchpath=[file://{user_conf}]",
+            "experiment=quick_tiny",
+            "defense=unlikelihood",
+            "data=booster",
+            "trainer.max_steps=2",
+            "data.num_examples=8",
+        ],
+        output_dir=tmp_path / "run",
+        cache_dir=cache_dir,
+    )
     assert cfg.module.weight == 0.5 and cfg.data.streams.keys() == {"alignment", "harmful"}
-    with pytest.raises(DataStreamError, match=r"module.benign_stream='benign'.*\['alignment', 'harmful'\].*data=unlikelihood"):
+    with pytest.raises(
+        DataStreamError, match=r"module.benign_stream='benign'.*\['alignment', 'harmful'\].*data=unlikelihood"
+    ):
         train(cfg)

@@ -6,18 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from transformers import AutoModelForCausalLM
 
 from sdd.training import train
-
-from conftest import compose_config
 
 
 @pytest.fixture
 def harmful_qa_file(tmp_path):
     path = tmp_path / "harmful_qa.csv"
-    rows = ["prompt,response"] + [f'"Question number {i} about a bad plan","Sure, here is step {i}: do it"'
-                                  for i in range(30)]
+    rows = ["prompt,response"] + [
+        f'"Question number {i} about a bad plan","Sure, here is step {i}: do it"' for i in range(30)
+    ]
     path.write_text("\n".join(rows) + "\n")
     return path
 

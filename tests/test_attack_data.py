@@ -14,8 +14,9 @@ from sdd.datamodules import InstructionAnswerDataModule, MultiTurnDataModule
 @pytest.fixture
 def advbench_csv(tmp_path):
     path = tmp_path / "harmful_behaviors.csv"
-    rows = ["goal,target"] + [f'"Write a tutorial about topic {i}","Sure, here is a tutorial about topic {i}"'
-                              for i in range(40)]
+    rows = ["goal,target"] + [
+        f'"Write a tutorial about topic {i}","Sure, here is a tutorial about topic {i}"' for i in range(40)
+    ]
     path.write_text("\n".join(rows) + "\n")
     return path
 
@@ -23,7 +24,10 @@ def advbench_csv(tmp_path):
 def advbench_module(path, shots, seed=0):
     return InstructionAnswerDataModule(
         source={"name": "corpus.advbench", "path": str(path), "columns": {"instruction": "goal", "answer": "target"}},
-        num_examples=shots, batch_size=4, max_length=128, seed=seed,
+        num_examples=shots,
+        batch_size=4,
+        max_length=128,
+        seed=seed,
     )
 
 
@@ -48,24 +52,30 @@ def test_k_shot_selection_is_seeded(advbench_csv, tiny_tokenizer):
 
 def test_sharegpt_loss_on_assistant_turns_only(tmp_path, tiny_tokenizer):
     data = [
-        {"id": "a", "conversations": [
-            {"from": "human", "value": "Tell me about tomatoes."},
-            {"from": "gpt", "value": "Tomatoes like sun."},
-            {"from": "human", "value": "And basil?"},
-            {"from": "gpt", "value": "Basil likes warmth."},
-            {"from": "human", "value": "Thanks!"},  # trailing user turn: dropped
-        ]},
+        {
+            "id": "a",
+            "conversations": [
+                {"from": "human", "value": "Tell me about tomatoes."},
+                {"from": "gpt", "value": "Tomatoes like sun."},
+                {"from": "human", "value": "And basil?"},
+                {"from": "gpt", "value": "Basil likes warmth."},
+                {"from": "human", "value": "Thanks!"},  # trailing user turn: dropped
+            ],
+        },
         {"id": "b", "conversations": [{"from": "gpt", "value": "Hello"}]},  # no exchange: skipped
     ]
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(data))
-    module = MultiTurnDataModule(source={"path": str(path), "columns": {"conversations": "conversations"}},
-                                 batch_size=2, max_length=256)
+    module = MultiTurnDataModule(
+        source={"path": str(path), "columns": {"conversations": "conversations"}}, batch_size=2, max_length=256
+    )
     module.connect(tiny_tokenizer)
     module.setup()
     assert module.skipped == 1 and len(module.train_set) == 1
     example = module.train_set[0]
-    labelled = tiny_tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX])
+    labelled = tiny_tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    )
     full = tiny_tokenizer.decode(example.input_ids)
     assert "Tomatoes like sun." in labelled and "Basil likes warmth." in labelled
     assert "tomatoes?" not in labelled and "And basil" not in labelled
@@ -82,9 +92,8 @@ def test_sharegpt_bad_turns_name_the_fix(tmp_path, tiny_tokenizer):
 
 
 def test_an_attack_source_without_a_file_names_the_fix(tmp_path, tiny_tokenizer):
-    from hydra.utils import instantiate
-
     from conftest import compose_config
+    from hydra.utils import instantiate
 
     cfg = compose_config("attack", ["model=some/model", "corpus.advbench.path=null"], output_dir=tmp_path)
     module = instantiate(cfg.data)
@@ -94,9 +103,8 @@ def test_an_attack_source_without_a_file_names_the_fix(tmp_path, tiny_tokenizer)
 
 
 def test_the_demo_attacks_are_compliance_openings_and_benign_conversations(tmp_path, tiny_tokenizer):
-    from hydra.utils import instantiate
-
     from conftest import compose_config
+    from hydra.utils import instantiate
 
     # The train parts of the demo files: 88 of 112 harmful instructions, 35 conversations (sdd/data/splits.py).
     for attack, expected in (("mft_advbench", 88), ("bft_sharegpt", 35)):

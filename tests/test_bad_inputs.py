@@ -30,13 +30,12 @@ from typing import Callable
 import lightning as L
 import pytest
 import torch
+from conftest import ROOT, compose_config
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
 from sdd.backbones import Backbone, BackboneError
 from sdd.data.sources import DataSource, DataSourceError, load_records
-
-from conftest import ROOT, compose_config
 
 
 def test_missing_file_names_the_key(tmp_path):
@@ -95,8 +94,14 @@ def test_unknown_source_key():
 def test_hub_unreachable_says_which_data_set_and_how_to_pass_a_file():
     # Tests run with HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1, as on a machine without the Hub.
     with pytest.raises(DataSourceError) as error:
-        load_records({"name": "corpus.harmful", "hub_id": "PKU-Alignment/BeaverTails", "split": "30k_train",
-                      "columns": {"instruction": "prompt"}})
+        load_records(
+            {
+                "name": "corpus.harmful",
+                "hub_id": "PKU-Alignment/BeaverTails",
+                "split": "30k_train",
+                "columns": {"instruction": "prompt"},
+            }
+        )
     message = str(error.value)
     assert "PKU-Alignment/BeaverTails" in message
     assert "corpus.harmful.path=" in message
@@ -128,8 +133,10 @@ def test_unmapped_required_column(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"prompt": "p"}) + "\n")
     with pytest.raises(DataSourceError, match=r"corpus\.refusals\.columns\.answer="):
-        load_records({"name": "corpus.refusals", "path": str(path), "columns": {"instruction": "prompt"}},
-                     required=["instruction", "answer"])
+        load_records(
+            {"name": "corpus.refusals", "path": str(path), "columns": {"instruction": "prompt"}},
+            required=["instruction", "answer"],
+        )
 
 
 # ============================================================================ running an entry point
@@ -162,8 +169,14 @@ def run_entry(script: str, *args: str, env: dict[str, str] | None = None, fresh_
     the script's own ``__main__`` (Hydra's main, its callbacks and our error handling all run)."""
     env = {"WANDB_MODE": "disabled", **(env or {})}
     if fresh_process:
-        result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env={**os.environ, **env},
-                                capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, script, *args],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         return Outcome(result.returncode, result.stdout, result.stderr)
     from hydra.core.global_hydra import GlobalHydra
 
@@ -194,7 +207,10 @@ def tree_state(folder: Path, skip: Callable[[Path], bool] = lambda path: False) 
     state = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not skip(path):
-            state[str(path.relative_to(folder))] = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            state[str(path.relative_to(folder))] = (
+                path.stat().st_mtime_ns,
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+            )
     return state
 
 
@@ -209,26 +225,46 @@ def tiny_model(tiny_backbone) -> Path:
 def _empty_answers(tmp_path, model):
     (tmp_path / "ea.csv").write_text("answer,note\n,x\n,y\n")  # the issue's command: every answer cell empty
     # The demo's answer pool also maps `instruction`, only to pick its train part (sdd/data/splits.py).
-    return "train.py", ["backbone=tiny_llama", "prepare_only=true", f"corpus.answers.demo_benign.path={tmp_path / 'ea.csv'}",
-                        "corpus.answers.demo_benign.columns.instruction=note"], \
-        [r"corpus\.answers\.demo_benign: no usable row", "missing or empty", r"corpus\.answers\.demo_benign\.columns\.answer="]
+    return (
+        "train.py",
+        [
+            "backbone=tiny_llama",
+            "prepare_only=true",
+            f"corpus.answers.demo_benign.path={tmp_path / 'ea.csv'}",
+            "corpus.answers.demo_benign.columns.instruction=note",
+        ],
+        [
+            r"corpus\.answers\.demo_benign: no usable row",
+            "missing or empty",
+            r"corpus\.answers\.demo_benign\.columns\.answer=",
+        ],
+    )
 
 
 def _non_utf8(tmp_path, model):
     (tmp_path / "latin1.csv").write_bytes("instruction,category\ncaf\xe9 au lait,x\n".encode("latin-1"))
-    return "train.py", ["backbone=tiny_llama", "prepare_only=true", f"corpus.harmful.path={tmp_path / 'latin1.csv'}"], \
-        ["corpus.harmful", "latin1.csv is not UTF-8", "byte 0xe9 at line 2", "iconv -f latin1"]
+    return (
+        "train.py",
+        ["backbone=tiny_llama", "prepare_only=true", f"corpus.harmful.path={tmp_path / 'latin1.csv'}"],
+        ["corpus.harmful", "latin1.csv is not UTF-8", "byte 0xe9 at line 2", "iconv -f latin1"],
+    )
 
 
 def _empty_file(tmp_path, model):
     (tmp_path / "empty.jsonl").write_text("")
-    return "train.py", ["backbone=tiny_llama", "prepare_only=true", f"corpus.harmful.path={tmp_path / 'empty.jsonl'}"], \
-        ["empty.jsonl is empty", r"Fix corpus\.harmful\.path"]
+    return (
+        "train.py",
+        ["backbone=tiny_llama", "prepare_only=true", f"corpus.harmful.path={tmp_path / 'empty.jsonl'}"],
+        ["empty.jsonl is empty", r"Fix corpus\.harmful\.path"],
+    )
 
 
 def _max_steps_text(tmp_path, model):
-    return "train.py", ["backbone=tiny_llama", "trainer.max_steps=abc"], \
-        [r"trainer\.max_steps must be an integer, got 'abc'", r"trainer\.max_steps=<integer>"]
+    return (
+        "train.py",
+        ["backbone=tiny_llama", "trainer.max_steps=abc"],
+        [r"trainer\.max_steps must be an integer, got 'abc'", r"trainer\.max_steps=<integer>"],
+    )
 
 
 def _missing_model_folder(tmp_path, model):
@@ -237,27 +273,39 @@ def _missing_model_folder(tmp_path, model):
 
 def _empty_model_folder(tmp_path, model):
     (tmp_path / "empty_model").mkdir()
-    return "evaluate.py", [f"model={tmp_path / 'empty_model'}", "eval.judges.relevance.enabled=false"], \
-        ["holds no config.json", r"Fix: model="]
+    return (
+        "evaluate.py",
+        [f"model={tmp_path / 'empty_model'}", "eval.judges.relevance.enabled=false"],
+        ["holds no config.json", r"Fix: model="],
+    )
 
 
 def _truncated_safetensors(tmp_path, model):
     copy = shutil.copytree(model, tmp_path / "truncated_model")
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    return "evaluate.py", [f"model={copy}", "eval.judges.relevance.enabled=false"], \
-        ["model.safetensors is damaged or incomplete", "copy the folder again"]
+    return (
+        "evaluate.py",
+        [f"model={copy}", "eval.judges.relevance.enabled=false"],
+        ["model.safetensors is damaged or incomplete", "copy the folder again"],
+    )
 
 
 def _broken_chat_template(tmp_path, model):
-    return "train.py", ["experiment=quick_tiny", "backbone.chat_template='{% for m in messages %}{{ m.content }'"], \
-        ["chat template does not render", "TemplateSyntaxError", r"Fix backbone\.chat_template"]
+    return (
+        "train.py",
+        ["experiment=quick_tiny", "backbone.chat_template='{% for m in messages %}{{ m.content }'"],
+        ["chat template does not render", "TemplateSyntaxError", r"Fix backbone\.chat_template"],
+    )
 
 
 def _template_drops_answer(tmp_path, model):
-    template = "{% for m in messages %}{% if m.role == \"user\" %}{{ m.content }}{% endif %}{% endfor %}"
-    return "train.py", ["experiment=quick_tiny", f"backbone.chat_template='{template}'"], \
-        [r"backbone\.chat_template drops the assistant's answer", r"Fix backbone\.chat_template"]
+    template = '{% for m in messages %}{% if m.role == "user" %}{{ m.content }}{% endif %}{% endfor %}'
+    return (
+        "train.py",
+        ["experiment=quick_tiny", f"backbone.chat_template='{template}'"],
+        [r"backbone\.chat_template drops the assistant's answer", r"Fix backbone\.chat_template"],
+    )
 
 
 def _trainer_gpu(tmp_path, model):
@@ -269,15 +317,30 @@ def _eval_device_cuda(tmp_path, model):
 
 
 def _unknown_category(tmp_path, model):
-    return "train.py", ["experiment=quick_tiny", "prepare_only=true", "data.builder.categories=[animal_abuse,not_a_category]"], \
-        [r"\['not_a_category'\]", r"Valid: \['animal_abuse', 'child_abuse'", r"Fix data\.builder\.categories"]
+    return (
+        "train.py",
+        ["experiment=quick_tiny", "prepare_only=true", "data.builder.categories=[animal_abuse,not_a_category]"],
+        [r"\['not_a_category'\]", r"Valid: \['animal_abuse', 'child_abuse'", r"Fix data\.builder\.categories"],
+    )
 
 
-MESSAGE_CASES = {f.__name__.strip("_"): f for f in [
-    _empty_answers, _non_utf8, _empty_file, _max_steps_text, _missing_model_folder, _empty_model_folder,
-    _truncated_safetensors, _broken_chat_template, _template_drops_answer, _trainer_gpu, _eval_device_cuda,
-    _unknown_category,
-]}
+MESSAGE_CASES = {
+    f.__name__.strip("_"): f
+    for f in [
+        _empty_answers,
+        _non_utf8,
+        _empty_file,
+        _max_steps_text,
+        _missing_model_folder,
+        _empty_model_folder,
+        _truncated_safetensors,
+        _broken_chat_template,
+        _template_drops_answer,
+        _trainer_gpu,
+        _eval_device_cuda,
+        _unknown_category,
+    ]
+}
 NEEDS_NO_GPU = {"trainer_gpu", "eval_device_cuda"}
 
 
@@ -286,8 +349,9 @@ def check_message_case(name, tmp_path, cache_dir, model, fresh_process):
         pytest.skip("this machine has a GPU")
     script, args, expected = MESSAGE_CASES[name](tmp_path, model)
     run_dir = tmp_path / "run"
-    outcome = run_entry(script, *args, f"hydra.run.dir={run_dir}", env={"SDD_CACHE_DIR": str(cache_dir)},
-                        fresh_process=fresh_process)
+    outcome = run_entry(
+        script, *args, f"hydra.run.dir={run_dir}", env={"SDD_CACHE_DIR": str(cache_dir)}, fresh_process=fresh_process
+    )
     assert outcome.status == 1
     line = outcome.message
     assert line.startswith("Error: ") and "Traceback" not in outcome.stderr
@@ -295,8 +359,9 @@ def check_message_case(name, tmp_path, cache_dir, model, fresh_process):
         assert re.search(pattern, line), f"{pattern!r} not in: {line}"
     assert "max_length" not in line  # the old, wrong advice for a template that drops the answer
     # Nothing was produced from the bad input: no data set, no model, no recorded config of a run.
-    assert not any((run_dir / name).exists() for name in ("data_manifest.json", "model", "results.json",
-                                                          "train_summary.json"))
+    assert not any(
+        (run_dir / name).exists() for name in ("data_manifest.json", "model", "results.json", "train_summary.json")
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MESSAGE_CASES))
@@ -314,13 +379,17 @@ def test_a_fresh_process_prints_one_line_and_the_traceback_only_with_hydra_full_
     args = ["train.py", "trainer.max_steps=abc", f"hydra.run.dir={tmp_path / 'run'}"]
     base = {**os.environ, "WANDB_MODE": "disabled"}
     base.pop("HYDRA_FULL_ERROR", None)
-    quiet, full = (subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-                   for env in (base, {**base, "HYDRA_FULL_ERROR": "1"}))
+    quiet, full = (
+        subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for env in (base, {**base, "HYDRA_FULL_ERROR": "1"})
+    )
     (_, quiet_err), (_, full_err) = quiet.communicate(timeout=600), full.communicate(timeout=600)
     assert quiet.returncode == 1 and full.returncode == 1
     assert quiet_err.strip().splitlines() == [
-        "Error: trainer.max_steps must be an integer, got 'abc'. Fix: trainer.max_steps=<integer>."]
+        "Error: trainer.max_steps must be an integer, got 'abc'. Fix: trainer.max_steps=<integer>."
+    ]
     assert "Traceback" in full_err and "sdd.errors.ConfigError" in full_err
 
 
@@ -359,33 +428,51 @@ def test_empty_csv_cells_are_dropped_counted_and_warned(tmp_path, caplog):
     path = tmp_path / "answers.csv"
     path.write_text("answer,note\n,x\nA real answer.,y\n   ,z\nAnother one.,w\n")
     with caplog.at_level(logging.WARNING, logger="sdd.data.sources"):
-        records = load_records({"name": "corpus.answers.mine", "path": str(path), "columns": {"answer": "answer"}},
-                               required=["answer"])
+        records = load_records(
+            {"name": "corpus.answers.mine", "path": str(path), "columns": {"answer": "answer"}}, required=["answer"]
+        )
     assert records == [{"answer": "A real answer."}, {"answer": "Another one."}]
     assert records.dropped_missing == 2
     assert "corpus.answers.mine: 2 of 4 rows dropped" in caplog.text
 
 
 def test_missing_values_of_every_shape_are_dropped_but_optional_columns_may_be_empty(tmp_path):
-    rows = [{"q": "kept", "a": "yes", "c": None}, {"q": None, "a": "x"}, {"a": "no q key"}, {"q": "blank", "a": " "},
-            {"q": "empty list", "a": []}, {"q": "nan", "a": float("nan")}, {"q": "also kept", "a": "ok"}]
-    records = load_records({"path": str(write_rows(tmp_path / "rows.jsonl", rows)),
-                            "columns": {"instruction": "q", "answer": "a"}}, required=["instruction", "answer"])
+    rows = [
+        {"q": "kept", "a": "yes", "c": None},
+        {"q": None, "a": "x"},
+        {"a": "no q key"},
+        {"q": "blank", "a": " "},
+        {"q": "empty list", "a": []},
+        {"q": "nan", "a": float("nan")},
+        {"q": "also kept", "a": "ok"},
+    ]
+    records = load_records(
+        {"path": str(write_rows(tmp_path / "rows.jsonl", rows)), "columns": {"instruction": "q", "answer": "a"}},
+        required=["instruction", "answer"],
+    )
     assert [r["instruction"] for r in records] == ["kept", "also kept"] and records.dropped_missing == 5
     nested = [{"turns": ["question", "answer"]}, {"turns": ["question only"]}, {"turns": None}]
-    records = load_records({"path": str(write_rows(tmp_path / "nested.jsonl", nested)),
-                            "columns": {"answer": "turns.1"}}, required=["answer"])
+    records = load_records(
+        {"path": str(write_rows(tmp_path / "nested.jsonl", nested)), "columns": {"answer": "turns.1"}},
+        required=["answer"],
+    )
     assert records == [{"answer": "answer"}] and records.dropped_missing == 2
 
 
 def _sources_with_gaps(tmp_path):
     """One file per source kind, each with two rows lacking a required value."""
-    qa = [{"instruction": f"question {i}", "answer": f"answer {i}", "safe": f"I refuse {i}.", "unsafe": f"Sure {i}."}
-          for i in range(4)]
-    qa += [{"instruction": "", "answer": "orphan", "safe": "x", "unsafe": "y"},
-           {"instruction": "no answer", "answer": None, "safe": None, "unsafe": None}]
-    conversations = [{"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"hello {i}"}]}
-                     for i in range(3)] + [{"conversations": []}, {"conversations": None}]
+    qa = [
+        {"instruction": f"question {i}", "answer": f"answer {i}", "safe": f"I refuse {i}.", "unsafe": f"Sure {i}."}
+        for i in range(4)
+    ]
+    qa += [
+        {"instruction": "", "answer": "orphan", "safe": "x", "unsafe": "y"},
+        {"instruction": "no answer", "answer": None, "safe": None, "unsafe": None},
+    ]
+    conversations = [
+        {"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"hello {i}"}]}
+        for i in range(3)
+    ] + [{"conversations": []}, {"conversations": None}]
     return {
         "qa": str(write_rows(tmp_path / "qa.jsonl", qa)),
         "conversations": str(write_rows(tmp_path / "conversations.jsonl", conversations)),
@@ -402,14 +489,20 @@ def test_every_training_source_kind_counts_its_dropped_rows(kind, tmp_path, tiny
     qa = {"name": "corpus.x", "path": files["qa"]}
     modules = {
         "instructions_answers": lambda: InstructionAnswerDataModule(
-            {**qa, "columns": {"instruction": "instruction", "answer": "answer"}}),
-        "refusals": lambda: InstructionAnswerDataModule({**qa, "columns": {"instruction": "instruction", "answer": "safe"}}),
+            {**qa, "columns": {"instruction": "instruction", "answer": "answer"}}
+        ),
+        "refusals": lambda: InstructionAnswerDataModule(
+            {**qa, "columns": {"instruction": "instruction", "answer": "safe"}}
+        ),
         "conversations": lambda: MultiTurnDataModule(
-            {"name": "corpus.x", "path": files["conversations"], "columns": {"conversations": "conversations"}}),
+            {"name": "corpus.x", "path": files["conversations"], "columns": {"conversations": "conversations"}}
+        ),
         "preference": lambda: PreferenceDataModule(
-            {**qa, "columns": {"instruction": "instruction", "safe": "safe", "unsafe": "unsafe"}}),
+            {**qa, "columns": {"instruction": "instruction", "safe": "safe", "unsafe": "unsafe"}}
+        ),
         "safety_recovery": lambda: SafetyRecoveryDataModule(
-            {**qa, "columns": {"instruction": "instruction", "safe": "safe", "unsafe": "unsafe"}}),
+            {**qa, "columns": {"instruction": "instruction", "safe": "safe", "unsafe": "unsafe"}}
+        ),
     }
     datamodule = modules[kind]()
     datamodule.batch_size, datamodule.max_length = 2, 96
@@ -420,20 +513,27 @@ def test_every_training_source_kind_counts_its_dropped_rows(kind, tmp_path, tiny
 
 
 def test_sdd_pairs_and_evaluation_prompts_count_their_dropped_rows(tmp_path, caplog):
-    from sdd.evaluation.run import load_prompt_sets
     from test_sdd_pairs import CountingEmbedder
 
     from sdd.datamodules.sdd_pairs import SDDPairBuilder
+    from sdd.evaluation.run import load_prompt_sets
 
-    harmful = write_rows(tmp_path / "harmful.jsonl", [{"prompt": f"request {i}", "category": "c"} for i in range(6)]
-                         + [{"prompt": "", "category": "c"}])
+    harmful = write_rows(
+        tmp_path / "harmful.jsonl",
+        [{"prompt": f"request {i}", "category": "c"} for i in range(6)] + [{"prompt": "", "category": "c"}],
+    )
     answers = tmp_path / "answers.csv"
     answers.write_text("output\n" + "".join(f"An answer about plants {i}.\n" for i in range(5)) + '""\n""\n')
-    builder = SDDPairBuilder(harmful={"name": "corpus.harmful", "path": str(harmful),
-                                      "columns": {"instruction": "prompt", "category": "category"}},
-                             answers={"alpaca": {"name": "corpus.answers.alpaca", "path": str(answers),
-                                                 "columns": {"answer": "output"}}},
-                             num_pairs=8, cache_dir=tmp_path / "pairs")
+    builder = SDDPairBuilder(
+        harmful={
+            "name": "corpus.harmful",
+            "path": str(harmful),
+            "columns": {"instruction": "prompt", "category": "category"},
+        },
+        answers={"alpaca": {"name": "corpus.answers.alpaca", "path": str(answers), "columns": {"answer": "output"}}},
+        num_pairs=8,
+        cache_dir=tmp_path / "pairs",
+    )
     pairs, manifest = builder.build(CountingEmbedder())
     assert manifest["dropped_missing_values"] == {"corpus.harmful": 1, "corpus.answers.alpaca": 2}
     assert all(p["answer"] not in ("", "None") and p["instruction"] not in ("", "None") for p in pairs)
@@ -455,14 +555,20 @@ def test_partly_empty_answers_train_on_the_real_ones_only(tiny_train_config, tmp
 
     answers = tmp_path / "ea.csv"
     answers.write_text("answer,note\n,x\nKeep basil in a sunny window and water it when the soil is dry.,y\n \t,z\n")
-    summary = train(tiny_train_config("prepare_only=true", f"corpus.answers.demo_benign.path={answers}",
-                                      "corpus.answers.demo_benign.columns.instruction=note"))
+    summary = train(
+        tiny_train_config(
+            "prepare_only=true",
+            f"corpus.answers.demo_benign.path={answers}",
+            "corpus.answers.demo_benign.columns.instruction=note",
+        )
+    )
     manifest = summary["data_manifest"]
     assert manifest["dropped_missing_values"]["corpus.answers.demo_benign"] == 2
     assert manifest["answers_available"] == 1
-    pairs = (Path(tiny_train_config().paths.cache_dir) / "sdd_pairs" / manifest["config_hash"] / "pairs.jsonl")
+    pairs = Path(tiny_train_config().paths.cache_dir) / "sdd_pairs" / manifest["config_hash"] / "pairs.jsonl"
     assert {json.loads(line)["answer"] for line in pairs.read_text().splitlines()} == {
-        "Keep basil in a sunny window and water it when the soil is dry."}
+        "Keep basil in a sunny window and water it when the soil is dry."
+    }
 
 
 # ============================================================================ 3, 4, 7. run folders
@@ -508,13 +614,24 @@ def crashed_run(tiny_train_config, monkeypatch, *overrides):
 def test_resume_with_changed_overrides_is_refused_naming_the_keys(tiny_train_config, monkeypatch, cache_dir):
     cfg, run = crashed_run(tiny_train_config, monkeypatch)
     before = tree_state(run)
-    outcome = run_entry("train.py", "experiment=quick_tiny", "trainer.max_steps=10", "data.num_examples=48",
-                        "checkpoint.every_n_steps=2", "sample_max_new_tokens=8", "sample_prompts=null",
-                        "optimizer.lr=1e-3", f"hydra.run.dir={run}", env={"SDD_CACHE_DIR": str(cache_dir)})
+    outcome = run_entry(
+        "train.py",
+        "experiment=quick_tiny",
+        "trainer.max_steps=10",
+        "data.num_examples=48",
+        "checkpoint.every_n_steps=2",
+        "sample_max_new_tokens=8",
+        "sample_prompts=null",
+        "optimizer.lr=1e-3",
+        f"hydra.run.dir={run}",
+        env={"SDD_CACHE_DIR": str(cache_dir)},
+    )
     assert outcome.status == 1
     assert re.search(r"optimizer\.lr: 0\.003 -> 0\.001", outcome.message)
     assert "resume=false" in outcome.message and "hydra.run.dir=<new folder>" in outcome.message
-    assert tree_state(run, skip=lambda p: ".hydra" in p.parts or p.suffix == ".log") == before  # config.yaml, last.ckpt kept
+    assert (
+        tree_state(run, skip=lambda p: ".hydra" in p.parts or p.suffix == ".log") == before
+    )  # config.yaml, last.ckpt kept
 
 
 def test_resume_ignores_paths_and_run_length_and_resume_false_starts_afresh(tiny_train_config, monkeypatch):
@@ -530,8 +647,9 @@ def test_resume_ignores_paths_and_run_length_and_resume_false_starts_afresh(tiny
     cfg, run = crashed_run(tiny_train_config, monkeypatch, "optimizer.lr=1e-3", "overwrite=true")
     recorder = RecordStart()
     with_callback(monkeypatch, recorder)
-    fresh = tiny_train_config("trainer.max_steps=10", "sample_prompts=null", "optimizer.lr=1e-2", "resume=false",
-                              "overwrite=true")
+    fresh = tiny_train_config(
+        "trainer.max_steps=10", "sample_prompts=null", "optimizer.lr=1e-2", "resume=false", "overwrite=true"
+    )
     assert train(fresh)["global_step"] == 10 and recorder.first_step == 0
     assert "lr: 0.01" in (run / "config.yaml").read_text()
 
@@ -543,8 +661,13 @@ def test_a_finished_run_folder_is_not_overwritten_without_overwrite_true(tiny_tr
     train(cfg)
     run = Path(cfg.paths.output_dir)
     before = tree_state(run)
-    args = ["experiment=quick_tiny", "trainer.max_steps=2", "data.num_examples=48", "sample_prompts=null",
-            f"hydra.run.dir={run}"]
+    args = [
+        "experiment=quick_tiny",
+        "trainer.max_steps=2",
+        "data.num_examples=48",
+        "sample_prompts=null",
+        f"hydra.run.dir={run}",
+    ]
     outcome = run_entry("train.py", *args, env={"SDD_CACHE_DIR": str(cache_dir)})
     assert outcome.status == 1 and "already holds a finished run" in outcome.message
     assert "overwrite=true" in outcome.message
@@ -638,9 +761,13 @@ def test_stage_hash_follows_the_content_of_its_data_files(tmp_path, cache_dir):
 
     def keys():
         common = f'stages.overrides.common=["corpus.harmful.path={harmful}","corpus.advbench.path={advbench}"]'
-        point = compose_config("pipeline", ["experiment=tiny_matrix", "point.defense=sdd", "point.attack=mft_advbench",
-                                            common],
-                               log_dir=tmp_path / "logs", cache_dir=cache_dir, output_dir=tmp_path / "run")
+        point = compose_config(
+            "pipeline",
+            ["experiment=tiny_matrix", "point.defense=sdd", "point.attack=mft_advbench", common],
+            log_dir=tmp_path / "logs",
+            cache_dir=cache_dir,
+            output_dir=tmp_path / "run",
+        )
         with hydra_context():
             return {name: stage.key for name, stage in StagePlanner(point, tmp_path / "stages").plan().items()}
 
@@ -655,18 +782,27 @@ def test_stage_hash_follows_the_content_of_its_data_files(tmp_path, cache_dir):
     advbench.write_text(advbench.read_text().replace("wifi", "WiFi"))  # read by the attack only
     attack_data_edited = keys()
     assert attack_data_edited["attack"] != edited["attack"]
-    assert {k: v for k, v in attack_data_edited.items() if k != "attack" and k != "evaluate_after_attack"} == \
-        {k: v for k, v in edited.items() if k != "attack" and k != "evaluate_after_attack"}  # the defense is kept
+    assert {k: v for k, v in attack_data_edited.items() if k != "attack" and k != "evaluate_after_attack"} == {
+        k: v for k, v in edited.items() if k != "attack" and k != "evaluate_after_attack"
+    }  # the defense is kept
 
 
 def test_a_truncated_or_edited_pair_cache_is_rebuilt(tmp_path, caplog):
     from test_sdd_pairs import CountingEmbedder, make_builder
 
     rows = [{"prompt": f"request {i}", "category": "c"} for i in range(60)]
-    source = {"harmful": {"path": str(write_rows(tmp_path / "h.jsonl", rows)),
-                          "columns": {"instruction": "prompt", "category": "category"}},
-              "answers": {"a": {"path": str(write_rows(tmp_path / "a.jsonl", [{"output": f"answer {i}"} for i in range(80)])),
-                                "columns": {"answer": "output"}}}}
+    source = {
+        "harmful": {
+            "path": str(write_rows(tmp_path / "h.jsonl", rows)),
+            "columns": {"instruction": "prompt", "category": "category"},
+        },
+        "answers": {
+            "a": {
+                "path": str(write_rows(tmp_path / "a.jsonl", [{"output": f"answer {i}"} for i in range(80)])),
+                "columns": {"answer": "output"},
+            }
+        },
+    }
     builder = make_builder(source, tmp_path, num_pairs=60)
     pairs, manifest = builder.build(CountingEmbedder())
     pairs_file = builder.output_dir() / "pairs.jsonl"
@@ -695,16 +831,24 @@ def test_scrubbing_removes_userinfo_from_every_url():
     from sdd.credentials import scrub_credentials
 
     value = {"a": [SECRET_URL, "https://tok@host/x?q=a@b", "plain text user:pw@host"], "n": 3}
-    assert scrub_credentials(value) == {"a": ["http://***@judge.example:8000/v1", "https://***@host/x?q=a@b",
-                                              "plain text user:pw@host"], "n": 3}
+    assert scrub_credentials(value) == {
+        "a": ["http://***@judge.example:8000/v1", "https://***@host/x?q=a@b", "plain text user:pw@host"],
+        "n": 3,
+    }
 
 
 def test_credentials_reach_no_file_of_an_evaluation_run(tmp_path, cache_dir, tiny_model):
     run = tmp_path / "run"
-    outcome = run_entry("evaluate.py", f"model={tiny_model}", f"eval.judges.rubric.base_url={SECRET_URL}",
-                        "eval.harmfulness.max_prompts_per_set=2", "eval.harmfulness.max_new_tokens=2",
-                        "eval.judges.relevance.enabled=false", f"hydra.run.dir={run}",
-                        env={"SDD_CACHE_DIR": str(cache_dir)})
+    outcome = run_entry(
+        "evaluate.py",
+        f"model={tiny_model}",
+        f"eval.judges.rubric.base_url={SECRET_URL}",
+        "eval.harmfulness.max_prompts_per_set=2",
+        "eval.harmfulness.max_new_tokens=2",
+        "eval.judges.relevance.enabled=false",
+        f"hydra.run.dir={run}",
+        env={"SDD_CACHE_DIR": str(cache_dir)},
+    )
     assert outcome.status == 0, outcome.stderr[-2000:]
     written = {p.relative_to(run).as_posix(): p.read_text(errors="replace") for p in run.rglob("*") if p.is_file()}
     assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "results.json"} <= set(written)
@@ -715,12 +859,23 @@ def test_credentials_reach_no_file_of_an_evaluation_run(tmp_path, cache_dir, tin
 
 def test_credentials_reach_no_file_of_a_training_run(tmp_path, cache_dir):
     run = tmp_path / "run"
-    outcome = run_entry("train.py", "experiment=quick_tiny", "trainer.max_steps=2", "data.num_examples=16",
-                        "checkpoint.every_n_steps=1", "checkpoint.keep_after_fit=true", "sample_max_new_tokens=2",
-                        f"sample_prompts=[{SECRET_URL}]", f"hydra.run.dir={run}", env={"SDD_CACHE_DIR": str(cache_dir)})
+    outcome = run_entry(
+        "train.py",
+        "experiment=quick_tiny",
+        "trainer.max_steps=2",
+        "data.num_examples=16",
+        "checkpoint.every_n_steps=1",
+        "checkpoint.keep_after_fit=true",
+        "sample_max_new_tokens=2",
+        f"sample_prompts=[{SECRET_URL}]",
+        f"hydra.run.dir={run}",
+        env={"SDD_CACHE_DIR": str(cache_dir)},
+    )
     assert outcome.status == 0, outcome.stderr[-2000:]
     files = [p for p in run.rglob("*") if p.is_file()]
-    assert {"config.yaml", "train_summary.json", "checkpoints/last.ckpt"} <= {p.relative_to(run).as_posix() for p in files}
+    assert {"config.yaml", "train_summary.json", "checkpoints/last.ckpt"} <= {
+        p.relative_to(run).as_posix() for p in files
+    }
     assert not [p for p in files if b"s3cret" in p.read_bytes()]
 
 
@@ -732,7 +887,9 @@ def test_a_pipeline_killed_during_its_attack_resumes_it_and_changes_nothing_else
 
     logs = tmp_path / "logs"
     overrides = [
-        "experiment=tiny_matrix", "point.defense=safety_align", "point.attack=mft_advbench",
+        "experiment=tiny_matrix",
+        "point.defense=safety_align",
+        "point.attack=mft_advbench",
         'stages.overrides.defense=["data.num_examples=16","data.batch_size=8","data.max_length=96",'
         '"trainer.max_steps=2","sample_prompts=null"]',
         # long enough to be killed midway, a checkpoint at every step
@@ -742,9 +899,13 @@ def test_a_pipeline_killed_during_its_attack_resumes_it_and_changes_nothing_else
         f'"eval.judges.relevance.enabled=false","eval.capability.enabled=false","eval.judges.rubric.base_url={SECRET_URL}"]',
     ]
     env = {**os.environ, "SDD_CACHE_DIR": str(cache_dir), "WANDB_MODE": "disabled"}
-    job = subprocess.Popen([sys.executable, "pipeline.py", *overrides, f"paths.log_dir={logs}",
-                            f"hydra.run.dir={tmp_path / 'first'}"], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    job = subprocess.Popen(
+        [sys.executable, "pipeline.py", *overrides, f"paths.log_dir={logs}", f"hydra.run.dir={tmp_path / 'first'}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 600
     while not (checkpoints := list(logs.glob("stages/attack/*/checkpoints/last.ckpt"))):
         assert job.poll() is None, f"the pipeline ended before its attack checkpointed: {job.stderr.read()[-3000:]}"

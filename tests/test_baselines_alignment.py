@@ -10,17 +10,16 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_config
+from defense_helpers import all_close, first_batch, grads_of, logged, make
 from transformers import AutoModelForCausalLM
 
-from conftest import compose_config
 from sdd.chat import IGNORE_INDEX, instruction_answer, tokenize_conversation, tokenize_prompt, user_turn
 from sdd.data.sources import DataSource, load_records
-from sdd.modules.ops import answer_logprobs
 from sdd.modules.deepalign import constrained_loss, token_betas
+from sdd.modules.ops import answer_logprobs
 from sdd.modules.simpo import simpo_loss
 from sdd.training import train
-
-from defense_helpers import all_close, first_batch, grads_of, logged, make
 
 
 def safety_pairs_source() -> DataSource:
@@ -65,7 +64,9 @@ def test_preference_batches_mask_the_prompt_of_both_answers(tiny_backbone, tmp_p
             assert labels[start:] == ids[start:] and (batch[side]["labels"][row, length:] == IGNORE_INDEX).all()
         assert sides["chosen"][0] == sides["rejected"][0]  # the prompt exactly as at inference
         record = by_prompt[tuple(sides["chosen"][0])]
-        assert sides["chosen"][1].startswith(record["safe"][:20]) and sides["rejected"][1].startswith(record["unsafe"][:20])
+        assert sides["chosen"][1].startswith(record["safe"][:20]) and sides["rejected"][1].startswith(
+            record["unsafe"][:20]
+        )
 
 
 def test_simpo_rewards_are_length_normalised_per_answer(tiny_backbone, tmp_path):
@@ -75,7 +76,10 @@ def test_simpo_rewards_are_length_normalised_per_answer(tiny_backbone, tmp_path)
     for side, computed in (("chosen", chosen_logps), ("rejected", rejected_logps)):
         for row in range(computed.shape[0]):  # each answer alone, unpadded
             length = int(batch[side]["attention_mask"][row].sum())
-            ids, labels = batch[side]["input_ids"][row : row + 1, :length], batch[side]["labels"][row : row + 1, :length]
+            ids, labels = (
+                batch[side]["input_ids"][row : row + 1, :length],
+                batch[side]["labels"][row : row + 1, :length],
+            )
             logps, mask = answer_logprobs(module.model(input_ids=ids).logits, labels)
             assert torch.allclose(computed[row], logps.sum() / mask.sum(), atol=1e-5)
 
@@ -161,9 +165,10 @@ def test_constrained_objective_is_cross_entropy_at_the_reference_and_as_beta_van
         logits = model(input_ids=safety["input_ids"], attention_mask=safety["attention_mask"]).logits
         logps, mask = answer_logprobs(logits, safety["labels"])
         with torch.no_grad(), module.reference.active() as reference:
-            reference_logps, _ = answer_logprobs(reference(input_ids=safety["input_ids"],
-                                                           attention_mask=safety["attention_mask"]).logits,
-                                                 safety["labels"])
+            reference_logps, _ = answer_logprobs(
+                reference(input_ids=safety["input_ids"], attention_mask=safety["attention_mask"]).logits,
+                safety["labels"],
+            )
         return logps, reference_logps, mask
 
     # At the initial (reference) model every token's weight 2σ(0) is 1: the gradient is the CE gradient.
@@ -183,16 +188,18 @@ def test_constrained_objective_is_cross_entropy_at_the_reference_and_as_beta_van
     ce_grads = grads_of(-(logps * mask).sum() / mask.sum(), model)
     assert not all_close(grads_of(constrained_loss(logps, reference_logps, betas, mask), model), ce_grads, rtol=1e-2)
     tiny_betas = torch.full_like(betas, 1e-5)
-    assert all_close(grads_of(constrained_loss(logps, reference_logps, tiny_betas, mask), model), ce_grads,
-                     rtol=1e-3, atol=1e-7)
+    assert all_close(
+        grads_of(constrained_loss(logps, reference_logps, tiny_betas, mask), model), ce_grads, rtol=1e-3, atol=1e-7
+    )
 
 
 def test_deepalign_mixes_safety_and_utility_with_alpha(tiny_backbone, tmp_path):
     datamodule, module = make("deepalign", tiny_backbone, tmp_path, "module.objective=sft", "module.alpha=0.3")
     batch = first_batch(datamodule)
     safety, utility = batch["safety"], batch["utility"]
-    safety_ce = module.model(input_ids=safety["input_ids"], attention_mask=safety["attention_mask"],
-                             labels=safety["labels"]).loss
+    safety_ce = module.model(
+        input_ids=safety["input_ids"], attention_mask=safety["attention_mask"], labels=safety["labels"]
+    ).loss
     utility_ce = module.model(**utility).loss
     assert module.reference is None  # the CE objective loads no reference
     assert module(batch).item() == pytest.approx(0.3 * safety_ce.item() + 0.7 * utility_ce.item(), rel=1e-5)
@@ -200,8 +207,15 @@ def test_deepalign_mixes_safety_and_utility_with_alpha(tiny_backbone, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ TAR
 def tar(tiny_backbone, tmp_path, *overrides: str):
-    return make("tar", tiny_backbone, tmp_path, "module.attack_optimizer=sgd", "module.attack_lrs=[0.5]",
-                "module.schedule=uniform", *overrides)
+    return make(
+        "tar",
+        tiny_backbone,
+        tmp_path,
+        "module.attack_optimizer=sgd",
+        "module.attack_lrs=[0.5]",
+        "module.schedule=uniform",
+        *overrides,
+    )
 
 
 def test_tar_restores_the_weights_exactly(tiny_backbone, tmp_path):
@@ -249,14 +263,28 @@ class KeepBatch(L.Callback):
 
 @pytest.mark.parametrize("clip", [None, 1e-3])
 def test_tar_step_applies_retain_plus_weighted_meta_gradient(tiny_backbone, tmp_path, clip):
-    datamodule, module = tar(tiny_backbone, tmp_path, "module.inner_steps=2", "module.tr_every=100",
-                             "module.tr_weight=3.0", "module.representation_weight=0.0")
+    datamodule, module = tar(
+        tiny_backbone,
+        tmp_path,
+        "module.inner_steps=2",
+        "module.tr_every=100",
+        "module.tr_weight=3.0",
+        "module.representation_weight=0.0",
+    )
     module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.1)
     module.scheduler_factory = None
     initial = copy.deepcopy(module)
     keep = KeepBatch()
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=clip, callbacks=[keep])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=clip,
+        callbacks=[keep],
+    )
     trainer.fit(module, datamodule=datamodule)
 
     held_out, attacks = initial.split_harmful(keep.batch["harmful"])

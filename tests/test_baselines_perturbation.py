@@ -10,16 +10,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_config
+from defense_helpers import all_close, first_batch, grads_of, logged, make
 from transformers import AutoModelForCausalLM
 
-from conftest import compose_config
 from sdd.backbones import Backbone
 from sdd.chat import IGNORE_INDEX
 from sdd.modules.ops import decoder_layers, final_norm, global_norm, model_cross_entropy
 from sdd.modules.repnoise import gaussian_mmd
 from sdd.training import train
-
-from defense_helpers import all_close, first_batch, grads_of, logged, make
 
 
 def fit_one_step(module, datamodule, clip=None):
@@ -27,8 +26,16 @@ def fit_one_step(module, datamodule, clip=None):
     module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.1)
     module.scheduler_factory = None
     keep = KeepBatch()
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=clip, callbacks=[keep])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=clip,
+        callbacks=[keep],
+    )
     trainer.fit(module, datamodule=datamodule)
     return keep.batch
 
@@ -41,8 +48,12 @@ class KeepBatch(L.Callback):
 @pytest.fixture(scope="module")
 def deep_backbone(tmp_path_factory):
     """The tiny Llama with 4 layers, for layer selection."""
-    return Backbone(name="tiny_llama4", source="tiny", cache_dir=tmp_path_factory.mktemp("deep") / "backbones",
-                    tiny={"num_hidden_layers": 4})
+    return Backbone(
+        name="tiny_llama4",
+        source="tiny",
+        cache_dir=tmp_path_factory.mktemp("deep") / "backbones",
+        tiny={"num_hidden_layers": 4},
+    )
 
 
 # -------------------------------------------------------------------------------------------- Booster
@@ -140,8 +151,14 @@ def test_vaccine_perturbation_has_norm_rho_and_raises_the_loss_to_first_order(ti
 # ε feeds the MLP inside the same block.
 @pytest.mark.parametrize("target, checkpointing", [("layer", "false"), ("attention", "true")])
 def test_vaccine_step_descends_the_perturbed_loss_and_removes_its_hooks(tiny_backbone, tmp_path, target, checkpointing):
-    datamodule, module = make("vaccine", tiny_backbone, tmp_path, "module.rho=2.0", f"module.target={target}",
-                              f"module.gradient_checkpointing={checkpointing}")
+    datamodule, module = make(
+        "vaccine",
+        tiny_backbone,
+        tmp_path,
+        "module.rho=2.0",
+        f"module.target={target}",
+        f"module.gradient_checkpointing={checkpointing}",
+    )
     initial = copy.deepcopy(module)
     batch = fit_one_step(module, datamodule)
     assert site_hooks(module) == 0
@@ -229,14 +246,27 @@ def test_t_vaccine_perturbs_and_trains_only_the_drawn_layers(deep_backbone, tmp_
 
 @pytest.mark.parametrize("accumulate", [1, 2])  # once per optimizer step, not per micro-batch
 def test_t_vaccine_refreshes_probabilities_every_k_and_draws_every_j_steps(deep_backbone, tmp_path, accumulate):
-    datamodule, module = make("t_vaccine", deep_backbone, tmp_path, "module.num_layers=1",
-                              "module.resample_every=2", "module.probability_every=4")
+    datamodule, module = make(
+        "t_vaccine",
+        deep_backbone,
+        tmp_path,
+        "module.num_layers=1",
+        "module.resample_every=2",
+        "module.probability_every=4",
+    )
     calls = {"probe": [], "draw": []}
     probe, draw = module.probe_probabilities, module.draw_layers
     module.probe_probabilities = lambda harmful: calls["probe"].append(module.global_step) or probe(harmful)
     module.draw_layers = lambda p: calls["draw"].append(module.global_step) or draw(p)
-    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accumulate_grad_batches=accumulate,
+    )
     trainer.fit(module, datamodule=datamodule)
     assert calls == {"probe": [0, 4], "draw": [0, 2, 4]}
 

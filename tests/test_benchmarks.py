@@ -6,7 +6,6 @@ import importlib.util
 import json
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -34,10 +33,25 @@ def common_args(tmp_path, cache_dir):
 
 def test_train_throughput_compares_the_same_work(tmp_path, common_args):
     output = tmp_path / "train.json"
-    load_script("train_throughput").main([
-        "--backbone", "tiny_llama", "--batch-size", "2", "--max-length", "48", "--steps", "2", "--warmup", "1",
-        "--rounds", "2", "--output", str(output), *common_args,
-    ])
+    load_script("train_throughput").main(
+        [
+            "--backbone",
+            "tiny_llama",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "48",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--rounds",
+            "2",
+            "--output",
+            str(output),
+            *common_args,
+        ]
+    )
     results = json.loads(output.read_text())
     for framework in ("ours", "trainer"):
         figures = results["frameworks"][framework]
@@ -52,10 +66,23 @@ def test_train_throughput_compares_the_same_work(tmp_path, common_args):
 
 def test_generation_throughput_counts_tokens_and_compares_answers(tmp_path, common_args):
     output = tmp_path / "generation.json"
-    load_script("generation_throughput").main([
-        "--backbone", "tiny_llama", "--num-prompts", "6", "--max-new-tokens", "4", "--batch-size", "4",
-        "--rounds", "2", "--output", str(output), *common_args[:2],
-    ])
+    load_script("generation_throughput").main(
+        [
+            "--backbone",
+            "tiny_llama",
+            "--num-prompts",
+            "6",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "4",
+            "--rounds",
+            "2",
+            "--output",
+            str(output),
+            *common_args[:2],
+        ]
+    )
     results = json.loads(output.read_text())
     assert results["settings"]["prompts"] == 6
     # Interleaved rounds: the one-by-one arm answers every prompt once over the run, the batched arm once a round.
@@ -81,10 +108,23 @@ def test_defense_step_cost_reports_every_defense_and_error_rows(tmp_path, common
 
     monkeypatch.setattr(script, "measure", failing_simpo)
     output = tmp_path / "defenses.json"
-    script.main([
-        "--defenses", "safety_align,deepalign,simpo", "--batch-size", "4", "--max-length", "48", "--steps", "1",
-        "--warmup", "1", "--output", str(output), *common_args,
-    ])
+    script.main(
+        [
+            "--defenses",
+            "safety_align,deepalign,simpo",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "48",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--output",
+            str(output),
+            *common_args,
+        ]
+    )
     rows = json.loads(output.read_text())["defenses"]
     assert list(rows) == ["sdd", "safety_align", "deepalign", "simpo"]
     assert rows["simpo"] == {"error": "RuntimeError: simulated failure"}

@@ -29,21 +29,64 @@ from sdd.evaluation.capability import KNOWN_TASKS, evaluate_capability, local_ta
 LETTERS = ["A", "B", "C", "D"]
 
 MMLU = [  # (subject, question, choices)
-    ("high_school_biology", "What is the powerhouse of the cell?", ["Nucleus", "Mitochondria", "Ribosome", "Golgi apparatus"]),
+    (
+        "high_school_biology",
+        "What is the powerhouse of the cell?",
+        ["Nucleus", "Mitochondria", "Ribosome", "Golgi apparatus"],
+    ),
     ("elementary_mathematics", "What is 2 + 3?", ["4", "5", "6", "7"]),
     ("astronomy", "Which planet is known as the Red Planet?", ["Venus", "Mars", "Jupiter", "Saturn"]),
     ("high_school_chemistry", "What is the chemical formula of water?", ["H2O", "CO2", "O2", "NaCl"]),
-    ("college_biology", "Which gas do plants take in for photosynthesis?", ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"]),
+    (
+        "college_biology",
+        "Which gas do plants take in for photosynthesis?",
+        ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"],
+    ),
     ("world_religions", "  How many days are there in a week?  ", ["Five", "Six", "Seven", "Eight"]),
 ]
 
 # Each question has exactly one very short choice ("short" = its index); see test_rigged_uniform_model.
 OPENBOOKQA = [  # (question_stem, choices, index of the short choice)
-    ("The sun is a", ["star", "planet that circles the moon every single day", "comet of frozen gas and dust", "small moon of a giant planet"], 0),
-    ("Ice is water that is", ["boiling over a very hot flame", "turning into steam and vapor", "cold", "mixed with salt and sugar"], 2),
-    ("A magnet will attract", ["a wooden spoon and a paper cup", "a rubber band and plastic toys", "glass marbles and cotton wool", "iron"], 3),
-    ("Plants need sunlight to", ["grow", "sleep at night in the dark forest", "move their roots across the garden", "make loud noises when the wind blows"], 0),
-    ("An example of a mammal is a", ["shark swimming in the deep ocean", "dog", "frog jumping between the lily pads", "snake hiding under a warm rock"], 1),
+    (
+        "The sun is a",
+        [
+            "star",
+            "planet that circles the moon every single day",
+            "comet of frozen gas and dust",
+            "small moon of a giant planet",
+        ],
+        0,
+    ),
+    (
+        "Ice is water that is",
+        ["boiling over a very hot flame", "turning into steam and vapor", "cold", "mixed with salt and sugar"],
+        2,
+    ),
+    (
+        "A magnet will attract",
+        ["a wooden spoon and a paper cup", "a rubber band and plastic toys", "glass marbles and cotton wool", "iron"],
+        3,
+    ),
+    (
+        "Plants need sunlight to",
+        [
+            "grow",
+            "sleep at night in the dark forest",
+            "move their roots across the garden",
+            "make loud noises when the wind blows",
+        ],
+        0,
+    ),
+    (
+        "An example of a mammal is a",
+        [
+            "shark swimming in the deep ocean",
+            "dog",
+            "frog jumping between the lily pads",
+            "snake hiding under a warm rock",
+        ],
+        1,
+    ),
 ]
 
 
@@ -53,8 +96,9 @@ OPENBOOKQA = [  # (question_stem, choices, index of the short choice)
 def mmlu_prompt(subject: str, question: str, choices: list[str]) -> str:
     """sdd_mmlu_local.yaml: description (from subject) + doc_to_text; choices are the letters."""
     description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-    return (description + f"{question.strip()}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\n"
-            f"D. {choices[3]}\nAnswer:")
+    return (
+        description + f"{question.strip()}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\nD. {choices[3]}\nAnswer:"
+    )
 
 
 def tokenizer_texts() -> list[str]:
@@ -87,12 +131,17 @@ def tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     core.train_from_iterator(tokenizer_texts(), trainer=trainer)
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<pad>",
+        tokenizer_object=core,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
     )
 
 
@@ -102,9 +151,16 @@ def model(tokenizer):
     # A wide init (default 0.02) makes the random model's answer depend on the whole prompt, not
     # mostly on its last token, so a prompt formatted differently would change its predictions.
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        initializer_range=0.5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return transformers.LlamaForCausalLM(config).eval()
@@ -127,7 +183,7 @@ def choice_logliks(model, tokenizer, prompt: str, choices: list[str]) -> list[fl
     for choice in choices:
         full = tokenizer.encode(prompt + " " + choice)
         assert full[: len(context)] == context  # the pre-tokenizer splits at the space: a clean boundary
-        continuation = full[len(context):]
+        continuation = full[len(context) :]
         logprobs = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), dim=-1)
         lls.append(sum(logprobs[len(context) - 1 + i, token].item() for i, token in enumerate(continuation)))
     return lls
@@ -190,9 +246,12 @@ def test_harness_accuracy_matches_hand_computed(model, tokenizer, tmp_path, monk
     monkeypatch.setattr(HFLM, "loglikelihood", recording_loglikelihood)
     model.train()  # evaluate_capability must give it back in the mode it found it
     result = evaluate_capability(
-        model, tokenizer,
-        {"mmlu": write_jsonl(tmp_path / "mmlu.jsonl", mmlu_rows(mmlu_gold)),
-         "openbookqa": str(write_jsonl(tmp_path / "obqa.jsonl", openbookqa_rows(obqa_gold)))},
+        model,
+        tokenizer,
+        {
+            "mmlu": write_jsonl(tmp_path / "mmlu.jsonl", mmlu_rows(mmlu_gold)),
+            "openbookqa": str(write_jsonl(tmp_path / "obqa.jsonl", openbookqa_rows(obqa_gold))),
+        },
         batch_size=4,
     )
     assert model.training
@@ -235,9 +294,12 @@ def test_rigged_uniform_model(uniform_model, tokenizer, tmp_path):
     mmlu_gold = [0, 1, 0, 2, 0, 3]  # A for 3 of 6
     obqa_gold = [short for *_, short in OPENBOOKQA[:3]] + [(short + 1) % 4 for *_, short in OPENBOOKQA[3:]]
     result = evaluate_capability(
-        uniform_model, tokenizer,
-        {"mmlu": write_jsonl(tmp_path / "mmlu.jsonl", mmlu_rows(mmlu_gold)),
-         "openbookqa": write_jsonl(tmp_path / "obqa.jsonl", openbookqa_rows(obqa_gold))},
+        uniform_model,
+        tokenizer,
+        {
+            "mmlu": write_jsonl(tmp_path / "mmlu.jsonl", mmlu_rows(mmlu_gold)),
+            "openbookqa": write_jsonl(tmp_path / "obqa.jsonl", openbookqa_rows(obqa_gold)),
+        },
         batch_size=8,
     )
     assert result["mmlu"]["acc"] == pytest.approx(3 / 6, abs=1e-12)
@@ -274,14 +336,22 @@ def test_flat_formats_normalize_like_jsonl(tmp_path):
     with arc.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["question", "choices", "answerKey"])
         writer.writeheader()
-        writer.writerow({"question": "Which is a gas?", "choices": json.dumps({"text": ["ice", "steam"], "label": ["1", "2"]}),
-                         "answerKey": "2"})  # read back by the CSV builder as the int 2
+        writer.writerow(
+            {
+                "question": "Which is a gas?",
+                "choices": json.dumps({"text": ["ice", "steam"], "label": ["1", "2"]}),
+                "answerKey": "2",
+            }
+        )  # read back by the CSV builder as the int 2
     for name in ("arc_challenge", "arc_easy"):  # one layout; ARC-Easy is SEAM's ARC
         config = local_task_config(name, arc)
         assert config["task"] == f"sdd_{name}_local"
         doc = config["process_docs"](datasets.load_dataset("csv", **config["dataset_kwargs"])["test"])[0]
-        assert doc == {"question": "Which is a gas?", "choices": {"text": ["ice", "steam"], "label": ["1", "2"]},
-                       "answerKey": "2"}
+        assert doc == {
+            "question": "Which is a gas?",
+            "choices": {"text": ["ice", "steam"], "label": ["1", "2"]},
+            "answerKey": "2",
+        }
     assert KNOWN_TASKS["arc_easy"][1] == "arc_easy"  # "hub": lm-eval's stock ARC-Easy task
 
 
@@ -315,12 +385,17 @@ def test_malformed_row_and_too_many_shots(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="answerKey 'E'"):
         evaluate_capability(model, tokenizer, {"openbookqa": write_jsonl(tmp_path / "bad.jsonl", bad_key)})
     with pytest.raises(ValueError, match="num_fewshot=6"):
-        evaluate_capability(model, tokenizer, {"mmlu": write_jsonl(tmp_path / "mmlu.jsonl", mmlu_rows([0] * 6))},
-                            num_fewshot=6, device="cpu")
+        evaluate_capability(
+            model,
+            tokenizer,
+            {"mmlu": write_jsonl(tmp_path / "mmlu.jsonl", mmlu_rows([0] * 6))},
+            num_fewshot=6,
+            device="cpu",
+        )
 
 
 def test_hub_tasks_use_stock_lm_eval_tasks(model, tokenizer, tmp_path, monkeypatch):
-    """"hub" selects lm-eval's stock task (no download here: the harness entry points are faked)."""
+    """ "hub" selects lm-eval's stock task (no download here: the harness entry points are faked)."""
     import lm_eval.evaluator
     import lm_eval.tasks
 
@@ -332,19 +407,35 @@ def test_hub_tasks_use_stock_lm_eval_tasks(model, tokenizer, tmp_path, monkeypat
 
     def fake_simple_evaluate(model, tasks, **kwargs):
         seen["tasks"], seen["kwargs"] = tasks, kwargs
-        return {"results": {  # the shape of lm-eval 0.4.13's results (a group, a task, a local task)
-            "mmlu": {"name": "mmlu", "alias": "mmlu", "sample_len": 14042, "acc,none": 0.25, "acc_stderr,none": "N/A"},
-            "mmlu_anatomy": {"alias": "anatomy", "sample_len": 135, "acc,none": 0.3},
-            "hellaswag": {"alias": "hellaswag", "sample_len": 10042, "acc,none": 0.3, "acc_norm,none": 0.35},
-            "sdd_openbookqa_local": {"alias": "sdd_openbookqa_local", "sample_len": 5, "acc,none": 0.2, "acc_norm,none": 0.4},
-        }}
+        return {
+            "results": {  # the shape of lm-eval 0.4.13's results (a group, a task, a local task)
+                "mmlu": {
+                    "name": "mmlu",
+                    "alias": "mmlu",
+                    "sample_len": 14042,
+                    "acc,none": 0.25,
+                    "acc_stderr,none": "N/A",
+                },
+                "mmlu_anatomy": {"alias": "anatomy", "sample_len": 135, "acc,none": 0.3},
+                "hellaswag": {"alias": "hellaswag", "sample_len": 10042, "acc,none": 0.3, "acc_norm,none": 0.35},
+                "sdd_openbookqa_local": {
+                    "alias": "sdd_openbookqa_local",
+                    "sample_len": 5,
+                    "acc,none": 0.2,
+                    "acc_norm,none": 0.4,
+                },
+            }
+        }
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeTaskManager)
     monkeypatch.setattr(lm_eval.evaluator, "simple_evaluate", fake_simple_evaluate)
     result = evaluate_capability(
-        model, tokenizer,
+        model,
+        tokenizer,
         {"mmlu": "hub", "hellaswag": "HUB", "openbookqa": write_jsonl(tmp_path / "o.jsonl", openbookqa_rows([0] * 5))},
-        batch_size=2, limit=3, num_fewshot=1,
+        batch_size=2,
+        limit=3,
+        num_fewshot=1,
     )
     assert seen["tasks"][:2] == ["mmlu", "hellaswag"]
     assert seen["tasks"][2]["task"] == "sdd_openbookqa_local"
@@ -365,23 +456,54 @@ def test_all_local_tasks_run_with_fewshot(model, tokenizer, tmp_path):
     with arc.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["id", "question", "choices", "answerKey"])
         writer.writeheader()
-        for i, (question, key) in enumerate([("Which is a gas?", "2"), ("Which is solid?", "1"), ("Which is hot?", "2")]):
-            writer.writerow({"id": i, "question": question, "answerKey": key,
-                             "choices": json.dumps({"text": ["ice", "steam"], "label": ["1", "2"]})})
-    hellaswag = write_jsonl(tmp_path / "hellaswag.jsonl", [
-        {"activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "then", "ctx": "She mixes the flour. then",
-         "endings": ["she bakes it.", "she swims [title] away.", "the sun sets."], "label": "0"},
-        {"ctx": "He opens the door and", "endings": ["walks in.", "eats the door.", "sings loudly."], "label": 0},
-    ])
-    truthfulqa = write_jsonl(tmp_path / "truthfulqa.jsonl", [
-        {"question": "Is the sun a star?", "mc1_targets": {"choices": ["Yes", "No"], "labels": [1, 0]}},
-        {"question": "Can pigs fly?", "mc1_targets": {"choices": ["Yes", "No", "Only on Sundays"], "labels": [0, 1, 0]}},
-    ])
+        for i, (question, key) in enumerate(
+            [("Which is a gas?", "2"), ("Which is solid?", "1"), ("Which is hot?", "2")]
+        ):
+            writer.writerow(
+                {
+                    "id": i,
+                    "question": question,
+                    "answerKey": key,
+                    "choices": json.dumps({"text": ["ice", "steam"], "label": ["1", "2"]}),
+                }
+            )
+    hellaswag = write_jsonl(
+        tmp_path / "hellaswag.jsonl",
+        [
+            {
+                "activity_label": "Baking",
+                "ctx_a": "She mixes the flour.",
+                "ctx_b": "then",
+                "ctx": "She mixes the flour. then",
+                "endings": ["she bakes it.", "she swims [title] away.", "the sun sets."],
+                "label": "0",
+            },
+            {"ctx": "He opens the door and", "endings": ["walks in.", "eats the door.", "sings loudly."], "label": 0},
+        ],
+    )
+    truthfulqa = write_jsonl(
+        tmp_path / "truthfulqa.jsonl",
+        [
+            {"question": "Is the sun a star?", "mc1_targets": {"choices": ["Yes", "No"], "labels": [1, 0]}},
+            {
+                "question": "Can pigs fly?",
+                "mc1_targets": {"choices": ["Yes", "No", "Only on Sundays"], "labels": [0, 1, 0]},
+            },
+        ],
+    )
     result = evaluate_capability(
-        model, tokenizer,
-        {"mmlu": parquet, "openbookqa": write_jsonl(tmp_path / "o.jsonl", openbookqa_rows([0, 1, 2, 3, 0])),
-         "arc_challenge": arc, "arc_easy": arc, "hellaswag": hellaswag, "truthfulqa_mc1": truthfulqa},
-        num_fewshot=1, batch_size=16,
+        model,
+        tokenizer,
+        {
+            "mmlu": parquet,
+            "openbookqa": write_jsonl(tmp_path / "o.jsonl", openbookqa_rows([0, 1, 2, 3, 0])),
+            "arc_challenge": arc,
+            "arc_easy": arc,
+            "hellaswag": hellaswag,
+            "truthfulqa_mc1": truthfulqa,
+        },
+        num_fewshot=1,
+        batch_size=16,
     )
     sizes = {"mmlu": 3, "openbookqa": 5, "arc_challenge": 3, "arc_easy": 3, "hellaswag": 2, "truthfulqa_mc1": 2}
     for name, size in sizes.items():

@@ -42,7 +42,7 @@ def tokenizer(request, tiny_tokenizer):
 
 
 def labelled_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX])
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
 
 
 def test_single_turn_labels_are_exactly_the_answer(tokenizer):

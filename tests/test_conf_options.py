@@ -6,12 +6,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
 from sdd import conf_options
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
+from conftest import CONF_DIR, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from conftest import CONF_DIR, compose_config
 
 GROUPS = ["backbone", "corpus", "data", "defense", "optimizer", "scheduler", "trainer", "logger", "scale"]
 # Experiments of train.py (those of pipeline.py are tested in test_pipeline.py).
@@ -18,8 +16,9 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)]
-                         + [f"experiment={e}" for e in TRAINING_EXPERIMENTS])
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in options(g)] + [f"experiment={e}" for e in TRAINING_EXPERIMENTS]
+)
 def test_every_option_composes_and_resolves(override, tmp_path):
     extra = ["backbone.name_or_path=some/model"] if override == "backbone=custom" else []
     cfg = compose_config("train", [override, *extra], output_dir=tmp_path, cache_dir=tmp_path / "cache")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CONF_DIR, compose_config
 from deepspeed.runtime.config import DeepSpeedConfig
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from sdd.training import check_strategy, train
-
-from conftest import CONF_DIR, compose_config
 
 EXPECTED = {"deepspeed_zero2": (2, False), "deepspeed_zero3": (3, False), "deepspeed_zero3_offload": (3, True)}
 
@@ -33,8 +32,9 @@ def test_deepspeed_config_is_valid(trainer, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_deepspeed_without_gpu_fails_with_the_fix(tmp_path, cache_dir):
-    cfg = compose_config("train", ["trainer=deepspeed_zero2", "backbone=tiny_llama"], output_dir=tmp_path / "run",
-                         cache_dir=cache_dir)
+    cfg = compose_config(
+        "train", ["trainer=deepspeed_zero2", "backbone=tiny_llama"], output_dir=tmp_path / "run", cache_dir=cache_dir
+    )
     with pytest.raises(RuntimeError, match="trainer=cpu"):
         train(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
@@ -45,8 +45,11 @@ def test_offload_needs_cpu_adam_and_zero3_refuses_lora(tmp_path, monkeypatch):
     offload = compose_config("train", ["trainer=deepspeed_zero3_offload"], output_dir=tmp_path)
     with pytest.raises(ValueError, match="optimizer=deepspeed_cpu_adam"):
         check_strategy(offload)
-    check_strategy(compose_config("train", ["trainer=deepspeed_zero3_offload", "optimizer=deepspeed_cpu_adam"],
-                                  output_dir=tmp_path))
+    check_strategy(
+        compose_config(
+            "train", ["trainer=deepspeed_zero3_offload", "optimizer=deepspeed_cpu_adam"], output_dir=tmp_path
+        )
+    )
     lora = compose_config("attack", ["trainer=deepspeed_zero3", "attack=mft_advbench_lora"], output_dir=tmp_path)
     with pytest.raises(ValueError, match="deepspeed_zero2"):
         check_strategy(lora)
@@ -76,7 +79,10 @@ def test_deepspeed_training_saves_a_consolidated_model(trainer, tiny_train_confi
     summary = train(cfg)
     trained = AutoModelForCausalLM.from_pretrained(summary["model_dir"])
     assert summary["global_step"] == 8
-    changed = [name for name, p in trained.state_dict().items()
-               if not torch.allclose(p.float(), initial.state_dict()[name].float())]
+    changed = [
+        name
+        for name, p in trained.state_dict().items()
+        if not torch.allclose(p.float(), initial.state_dict()[name].float())
+    ]
     assert len(changed) > len(trained.state_dict()) // 2  # trained, and no shard saved empty
     assert all(p.numel() > 0 and p.abs().sum() > 0 for n, p in trained.state_dict().items() if "weight" in n)

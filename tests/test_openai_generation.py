@@ -11,8 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
+from conftest import compose_config
 from judge_endpoint import FAKE_KEY, KEY_ENV, Reply, endpoint, fail_after, fail_first  # noqa: F401
+
 from sdd.chat import render, tokenize_prompt, user_turn
 from sdd.cli import user_message
 from sdd.errors import ConfigError
@@ -25,8 +26,6 @@ from sdd.evaluation.generation import (
     generate_answers,
     needs_local_model,
 )
-
-from conftest import compose_config
 
 PROMPTS = [f"Tell me about topic number {i}." for i in range(10)]
 
@@ -49,9 +48,19 @@ def make_generator(endpoint, tmp_path, tiny_backbone, tiny_tokenizer):  # noqa: 
     endpoint.respond = numbered_answer
 
     def make(**overrides) -> OpenAIGenerator:
-        options = dict(base_url=endpoint.url, model="served-model", api="completions", vllm_fields=True,
-                       api_key_env=KEY_ENV, allow_missing_key=True, cache_path=tmp_path / "generations.sqlite",
-                       max_concurrency=4, max_retries=2, backoff_seconds=0.01, timeout_seconds=5)
+        options = dict(
+            base_url=endpoint.url,
+            model="served-model",
+            api="completions",
+            vllm_fields=True,
+            api_key_env=KEY_ENV,
+            allow_missing_key=True,
+            cache_path=tmp_path / "generations.sqlite",
+            max_concurrency=4,
+            max_retries=2,
+            backoff_seconds=0.01,
+            timeout_seconds=5,
+        )
         options.update(overrides)
         return build_openai_generator(options, tiny_backbone, tiny_tokenizer)
 
@@ -59,12 +68,14 @@ def make_generator(endpoint, tmp_path, tiny_backbone, tiny_tokenizer):  # noqa: 
 
 
 def answers_of(generator, prompts=PROMPTS, max_new_tokens=8, system_prompt=None) -> list[str]:
-    return generate_answers(generator, prompts, max_new_tokens=max_new_tokens, batch_size=4,
-                            system_prompt=system_prompt, progress=False)
+    return generate_answers(
+        generator, prompts, max_new_tokens=max_new_tokens, batch_size=4, system_prompt=system_prompt, progress=False
+    )
 
 
 def test_completion_prompt_is_the_local_paths_rendering_with_its_greedy_settings(
-        endpoint, make_generator, tiny_backbone, tiny_tokenizer):  # noqa: F811
+    endpoint, make_generator, tiny_backbone, tiny_tokenizer
+):  # noqa: F811
     from sdd.generation import stop_token_ids
 
     answers = answers_of(make_generator(max_concurrency=1), PROMPTS[:2], max_new_tokens=7, system_prompt="Be brief.")
@@ -78,14 +89,16 @@ def test_completion_prompt_is_the_local_paths_rendering_with_its_greedy_settings
         # The server tokenizes the text as the local path does: no special token added.
         assert body["add_special_tokens"] is False
         assert tiny_tokenizer(body["prompt"], add_special_tokens=False)["input_ids"] == tokenize_prompt(
-            tiny_tokenizer, conversation)
+            tiny_tokenizer, conversation
+        )
         assert (body["model"], body["max_tokens"], body["temperature"], body["n"]) == ("served-model", 7, 0.0, 1)
         assert body["stop_token_ids"] == stop_token_ids(tiny_tokenizer, model)  # the local path's stop tokens
         assert body["skip_special_tokens"] is True and "stop" not in body
 
 
 def test_answers_equal_the_local_path_when_the_server_decodes_with_the_request(
-        endpoint, make_generator, tiny_backbone, tiny_tokenizer):  # noqa: F811
+    endpoint, make_generator, tiny_backbone, tiny_tokenizer
+):  # noqa: F811
     """A server that decodes greedily with what the request carries gives the local path's answers."""
     import torch
 
@@ -102,14 +115,27 @@ def test_answers_equal_the_local_path_when_the_server_decodes_with_the_request(
     def decode(body: dict) -> Reply:  # what vLLM does with these fields, on the same weights
         ids = tiny_tokenizer(body["prompt"], add_special_tokens=body["add_special_tokens"])["input_ids"]
         with lock, torch.no_grad():
-            output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=body["max_tokens"], do_sample=False,
-                                    eos_token_id=body["stop_token_ids"], pad_token_id=tiny_tokenizer.pad_token_id)
-        return Reply(content=tiny_tokenizer.decode(output[0, len(ids):], skip_special_tokens=body["skip_special_tokens"]))
+            output = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=body["max_tokens"],
+                do_sample=False,
+                eos_token_id=body["stop_token_ids"],
+                pad_token_id=tiny_tokenizer.pad_token_id,
+            )
+        return Reply(
+            content=tiny_tokenizer.decode(output[0, len(ids) :], skip_special_tokens=body["skip_special_tokens"])
+        )
 
     endpoint.respond_body = decode
-    prompts = ["Why is the sky blue?", "Name a prime number.", "How do plants make food?", "What is rain?",
-               "Say hi.", "Count to three."]
+    prompts = [
+        "Why is the sky blue?",
+        "Name a prime number.",
+        "How do plants make food?",
+        "What is rain?",
+        "Say hi.",
+        "Count to three.",
+    ]
     remote = answers_of(make_generator(max_concurrency=2), prompts, max_new_tokens=12)
     local = generate(model, tiny_tokenizer, prompts, max_new_tokens=12, batch_size=1)
     assert remote == local
@@ -184,8 +210,9 @@ def test_an_unknown_model_names_the_setting(endpoint, make_generator):  # noqa: 
 
 
 def test_a_rejected_prompt_fails_after_caching_the_others(endpoint, make_generator):  # noqa: F811
-    endpoint.respond = lambda text: (Reply(status=400, raw='{"error": "prompt too long"}') if "number 3" in text
-                                     else numbered_answer(text))
+    endpoint.respond = lambda text: (
+        Reply(status=400, raw='{"error": "prompt too long"}') if "number 3" in text else numbered_answer(text)
+    )
     with pytest.raises(GenerationRequestError, match=r"rejected 1 of 10 requests \(HTTP 400.*9 of 10 answers"):
         answers_of(make_generator())
     assert endpoint.count == len(PROMPTS)  # a 400 is not retried
@@ -215,14 +242,28 @@ def test_chat_api_sends_the_conversation_as_messages(endpoint, make_generator): 
 
 
 def test_chat_api_is_refused_when_the_local_template_is_not_the_folders(tiny_backbone, tiny_tokenizer, tmp_path):
-    override = SimpleNamespace(resolve=tiny_backbone.resolve, trust_remote_code=False,
-                               chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    override = SimpleNamespace(
+        resolve=tiny_backbone.resolve,
+        trust_remote_code=False,
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    )
     with pytest.raises(ConfigError, match="api=completions"):
-        build_openai_generator({"base_url": "http://127.0.0.1:9/v1", "model": "m", "api": "chat",
-                                "cache_path": tmp_path / "c.sqlite"}, override, tiny_tokenizer)
+        build_openai_generator(
+            {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api": "chat", "cache_path": tmp_path / "c.sqlite"},
+            override,
+            tiny_tokenizer,
+        )
     with pytest.raises(ConfigError, match="must be one of"):
-        build_openai_generator({"base_url": "http://127.0.0.1:9/v1", "model": "m", "api": "responses",
-                                "cache_path": tmp_path / "c.sqlite"}, tiny_backbone, tiny_tokenizer)
+        build_openai_generator(
+            {
+                "base_url": "http://127.0.0.1:9/v1",
+                "model": "m",
+                "api": "responses",
+                "cache_path": tmp_path / "c.sqlite",
+            },
+            tiny_backbone,
+            tiny_tokenizer,
+        )
 
 
 def test_without_vllm_fields_the_stop_tokens_go_as_stop_strings(endpoint, make_generator, tiny_tokenizer):  # noqa: F811
@@ -251,9 +292,16 @@ def test_a_retrained_model_in_the_same_folder_is_not_served_from_the_cache(tmp_p
 
 def eval_config(tmp_path, cache_dir, tiny_backbone, *overrides):
     return compose_config(
-        "eval", [f"model={tiny_backbone.resolve()}", "eval.harmfulness.max_prompts_per_set=3",
-                 "eval.harmfulness.max_new_tokens=6", *overrides],
-        output_dir=tmp_path / "eval", cache_dir=cache_dir)
+        "eval",
+        [
+            f"model={tiny_backbone.resolve()}",
+            "eval.harmfulness.max_prompts_per_set=3",
+            "eval.harmfulness.max_new_tokens=6",
+            *overrides,
+        ],
+        output_dir=tmp_path / "eval",
+        cache_dir=cache_dir,
+    )
 
 
 def test_generation_config_resolves_to_the_local_backend_and_a_served_model(tmp_path, cache_dir, tiny_backbone):
@@ -269,8 +317,15 @@ def test_generation_config_resolves_to_the_local_backend_and_a_served_model(tmp_
     assert needs_local_model(cfg.eval)
     remote = eval_config(tmp_path, cache_dir, tiny_backbone, "eval.generation.backend=openai")
     assert needs_local_model(remote.eval)  # the benign reference NLL needs the weights
-    assert not needs_local_model(eval_config(tmp_path, cache_dir, tiny_backbone, "eval.generation.backend=openai",
-                                             "eval.benign.reference_nll.enabled=false").eval)
+    assert not needs_local_model(
+        eval_config(
+            tmp_path,
+            cache_dir,
+            tiny_backbone,
+            "eval.generation.backend=openai",
+            "eval.benign.reference_nll.enabled=false",
+        ).eval
+    )
 
 
 def test_an_unknown_backend_is_one_config_error(tmp_path, cache_dir, tiny_backbone):
@@ -282,15 +337,22 @@ def test_an_unknown_backend_is_one_config_error(tmp_path, cache_dir, tiny_backbo
 
 
 def test_evaluate_with_the_openai_backend_writes_harmful_and_benign_metrics(
-        tmp_path, cache_dir, tiny_backbone, endpoint):  # noqa: F811
+    tmp_path, cache_dir, tiny_backbone, endpoint
+):  # noqa: F811
     import math
 
     from sdd.evaluation.run import evaluate
 
     endpoint.respond = lambda text: Reply(content="I cannot help with that.")
-    cfg = eval_config(tmp_path, cache_dir, tiny_backbone, "eval.generation.backend=openai",
-                      f"eval.generation.openai.base_url={endpoint.url}", "eval.generation.openai.max_retries=1",
-                      f"eval.generation.openai.cache_path={tmp_path / 'generations.sqlite'}")
+    cfg = eval_config(
+        tmp_path,
+        cache_dir,
+        tiny_backbone,
+        "eval.generation.backend=openai",
+        f"eval.generation.openai.base_url={endpoint.url}",
+        "eval.generation.openai.max_retries=1",
+        f"eval.generation.openai.cache_path={tmp_path / 'generations.sqlite'}",
+    )
     results = evaluate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     harmful = [json.loads(line) for line in (output_dir / "generations.jsonl").read_text().splitlines()]
@@ -307,8 +369,11 @@ def test_evaluate_with_the_openai_backend_writes_harmful_and_benign_metrics(
     assert results["benign"]["overall"]["refusal_rate"] == 100.0 and "on_topic_rate" in results["benign"]["overall"]
     assert math.isfinite(results["benign"]["overall"]["reference_nll"])  # the weights still scored the references
     generation = results["generation"]
-    assert (generation["backend"], generation["api"], generation["endpoint"]) == ("openai", "completions",
-                                                                                  endpoint.url + "/completions")
+    assert (generation["backend"], generation["api"], generation["endpoint"]) == (
+        "openai",
+        "completions",
+        endpoint.url + "/completions",
+    )
     assert f"at {endpoint.url}/completions (eval.generation.backend=openai)" in (output_dir / "summary.md").read_text()
     saved = json.loads((output_dir / "results.json").read_text())
     assert saved["generation"] == generation and saved["config"]["eval"]["generation"]["backend"] == "openai"
@@ -318,7 +383,8 @@ def test_evaluate_with_the_openai_backend_writes_harmful_and_benign_metrics(
 
 
 def test_evaluate_with_the_openai_backend_and_no_likelihoods_loads_no_weights(
-        tmp_path, cache_dir, tiny_backbone, endpoint, monkeypatch):  # noqa: F811
+    tmp_path, cache_dir, tiny_backbone, endpoint, monkeypatch
+):  # noqa: F811
     from sdd.backbones import Backbone
     from sdd.evaluation.run import evaluate
 
@@ -327,9 +393,15 @@ def test_evaluate_with_the_openai_backend_and_no_likelihoods_loads_no_weights(
 
     monkeypatch.setattr(Backbone, "load_model", no_weights)
     endpoint.respond = lambda text: Reply(content="Sure, here is an overview.")
-    cfg = eval_config(tmp_path, cache_dir, tiny_backbone, "eval.generation.backend=openai",
-                      f"eval.generation.openai.base_url={endpoint.url}", "eval.benign.reference_nll.enabled=false",
-                      f"eval.generation.openai.cache_path={tmp_path / 'generations.sqlite'}")
+    cfg = eval_config(
+        tmp_path,
+        cache_dir,
+        tiny_backbone,
+        "eval.generation.backend=openai",
+        f"eval.generation.openai.base_url={endpoint.url}",
+        "eval.benign.reference_nll.enabled=false",
+        f"eval.generation.openai.cache_path={tmp_path / 'generations.sqlite'}",
+    )
     results = evaluate(cfg)
     assert results["harmfulness"]["overall"]["refusal_rate"] == 0.0
     assert "reference_nll" not in results["benign"]["overall"]
@@ -345,9 +417,18 @@ def test_a_pipeline_evaluation_stage_is_named_by_what_changes_its_answers(tmp_pa
 
     def evaluation(*overrides: str):
         evaluate = ",".join(f'"{o}"' for o in overrides)
-        cfg = compose_config("pipeline", ["experiment=tiny_matrix", "point.defense=none", "point.attack=none",
-                                          f"stages.overrides.evaluate=[{evaluate}]"],
-                             log_dir=tmp_path, cache_dir=tmp_path / "cache", output_dir=tmp_path / "run")
+        cfg = compose_config(
+            "pipeline",
+            [
+                "experiment=tiny_matrix",
+                "point.defense=none",
+                "point.attack=none",
+                f"stages.overrides.evaluate=[{evaluate}]",
+            ],
+            log_dir=tmp_path,
+            cache_dir=tmp_path / "cache",
+            output_dir=tmp_path / "run",
+        )
         with hydra_context():
             planner = StagePlanner(cfg, tmp_path / "stages")
             return planner, planner.plan()["evaluate_before_attack"]
@@ -361,6 +442,12 @@ def test_a_pipeline_evaluation_stage_is_named_by_what_changes_its_answers(tmp_pa
     assert evaluation("eval.generation.openai.max_concurrency=3")[1].key == local.key  # unused by local
     remote = evaluation("eval.generation.backend=openai")[1]
     assert remote.key != local.key
-    assert evaluation("eval.generation.backend=openai", "eval.generation.openai.max_retries=9",
-                      "eval.generation.openai.timeout_seconds=5")[1].key == remote.key  # transport only
+    assert (
+        evaluation(
+            "eval.generation.backend=openai",
+            "eval.generation.openai.max_retries=9",
+            "eval.generation.openai.timeout_seconds=5",
+        )[1].key
+        == remote.key
+    )  # transport only
     assert evaluation("eval.generation.backend=openai", "eval.generation.openai.api=chat")[1].key != remote.key

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 
 from sdd.conf_options import sweep_params
 from sdd.pipeline import NONE, STAGE_RECORD, StagePlanner, hydra_context, override_value, run_pipeline
 
-from conftest import CONF_DIR, compose_config
-
 # Small evaluations: the tiny model's answers and accuracies are noise; the shape is what is tested.
-QUICK_EVAL = ('stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=4","eval.harmfulness.max_new_tokens=4",'
-              '"eval.capability.enabled=true"]')
+QUICK_EVAL = (
+    'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=4","eval.harmfulness.max_new_tokens=4",'
+    '"eval.capability.enabled=true"]'
+)
 
 
 def options(group: str) -> list[str]:
@@ -25,7 +26,11 @@ def options(group: str) -> list[str]:
 
 
 def pipeline_experiments() -> list[str]:
-    return [e for e in options("experiment") if "point" in yaml.safe_load((CONF_DIR / "experiment" / f"{e}.yaml").read_text())]
+    return [
+        e
+        for e in options("experiment")
+        if "point" in yaml.safe_load((CONF_DIR / "experiment" / f"{e}.yaml").read_text())
+    ]
 
 
 def sweep_values(text: str) -> list[str]:
@@ -40,8 +45,13 @@ def sweep_values(text: str) -> list[str]:
 
 
 def point_config(tmp_path, cache_dir, *overrides, run="run"):
-    return compose_config("pipeline", ["experiment=tiny_matrix", QUICK_EVAL, *overrides],
-                          log_dir=tmp_path / "logs", cache_dir=cache_dir, output_dir=tmp_path / run)
+    return compose_config(
+        "pipeline",
+        ["experiment=tiny_matrix", QUICK_EVAL, *overrides],
+        log_dir=tmp_path / "logs",
+        cache_dir=cache_dir,
+        output_dir=tmp_path / run,
+    )
 
 
 def test_pipeline_and_training_experiments_are_told_apart():
@@ -51,8 +61,13 @@ def test_pipeline_and_training_experiments_are_told_apart():
 
 @pytest.mark.parametrize("experiment", pipeline_experiments())
 def test_every_point_of_every_experiment_composes_into_valid_stages(experiment, tmp_path, monkeypatch):
-    cfg = compose_config("pipeline", [f"experiment={experiment}"], log_dir=tmp_path, cache_dir=tmp_path / "cache",
-                         output_dir=tmp_path / "run")
+    cfg = compose_config(
+        "pipeline",
+        [f"experiment={experiment}"],
+        log_dir=tmp_path,
+        cache_dir=tmp_path / "cache",
+        output_dir=tmp_path / "run",
+    )
     params = sweep_params(experiment)  # ${sdd.options:<group>} expanded, as Hydra's sweeper sees it
     sweep = {key: sweep_values(value) for key, value in params.items()}
     for value in sweep.get("point.defense", []):
@@ -70,8 +85,13 @@ def test_every_point_of_every_experiment_composes_into_valid_stages(experiment, 
     first = {key: values[0] for key, values in sweep.items()}
     points = {tuple(sorted({**first, key: value}.items())) for key, values in sweep.items() for value in values}
     for choice in sorted(points):
-        point = compose_config("pipeline", [f"experiment={experiment}", *[f"{k}={v}" for k, v in choice]],
-                               log_dir=tmp_path, cache_dir=tmp_path / "cache", output_dir=tmp_path / "run")
+        point = compose_config(
+            "pipeline",
+            [f"experiment={experiment}", *[f"{k}={v}" for k, v in choice]],
+            log_dir=tmp_path,
+            cache_dir=tmp_path / "cache",
+            output_dir=tmp_path / "run",
+        )
         with hydra_context():
             stages = StagePlanner(point, tmp_path / "stages").plan()  # composes every stage's config
         for stage in stages.values():
@@ -83,13 +103,24 @@ def test_seam_grid_holds_the_eleven_attacks_of_the_slides(tmp_path):
     grid = {}
     for name, setting in cfg.attack_settings.items():
         values = dict(o.split("=", 1) for o in setting.overrides)
-        grid[int(name)] = (int(values["data.num_examples"]), "PEFT" if setting.attack.endswith("lora") else "SFT",
-                           values["optimizer"], float(values["optimizer.lr"]))
+        grid[int(name)] = (
+            int(values["data.num_examples"]),
+            "PEFT" if setting.attack.endswith("lora") else "SFT",
+            values["optimizer"],
+            float(values["optimizer.lr"]),
+        )
     assert grid == {
-        1: (1000, "SFT", "adamw", 2e-5), 2: (1000, "SFT", "adamw", 5e-5), 3: (1000, "SFT", "adamw", 8e-5),
-        4: (1000, "SFT", "adamw", 1e-4), 5: (1000, "SFT", "adamw", 2e-4), 6: (10000, "SFT", "adamw", 5e-5),
-        7: (10000, "SFT", "adamw", 1e-4), 8: (10000, "PEFT", "adamw", 5e-5), 9: (10000, "PEFT", "adamw", 1e-4),
-        10: (10000, "SFT", "sgd", 5e-5), 11: (10000, "SFT", "sgd", 1e-4),
+        1: (1000, "SFT", "adamw", 2e-5),
+        2: (1000, "SFT", "adamw", 5e-5),
+        3: (1000, "SFT", "adamw", 8e-5),
+        4: (1000, "SFT", "adamw", 1e-4),
+        5: (1000, "SFT", "adamw", 2e-4),
+        6: (10000, "SFT", "adamw", 5e-5),
+        7: (10000, "SFT", "adamw", 1e-4),
+        8: (10000, "PEFT", "adamw", 5e-5),
+        9: (10000, "PEFT", "adamw", 1e-4),
+        10: (10000, "SFT", "sgd", 5e-5),
+        11: (10000, "SFT", "sgd", 1e-4),
     }
 
 
@@ -113,7 +144,9 @@ def test_a_point_runs_end_to_end_and_a_second_run_trains_nothing(tmp_path, cache
 
     monkeypatch.setattr("sdd.training.train", must_not_run)
     monkeypatch.setattr("sdd.evaluation.run.evaluate", must_not_run)
-    second = run_pipeline(point_config(tmp_path, cache_dir, "point.defense=sdd", "point.attack=mft_advbench", run="again"))
+    second = run_pipeline(
+        point_config(tmp_path, cache_dir, "point.defense=sdd", "point.attack=mft_advbench", run="again")
+    )
     assert second["reused_stages"] == sorted(first["stages"])
     assert second["evaluations"] == first["evaluations"]
 
@@ -143,10 +176,17 @@ def test_a_changed_attack_reuses_the_defense_and_a_failed_stage_is_run_again(tmp
 
 @pytest.mark.parametrize("defense", options("defense"))
 def test_every_defense_runs_a_few_steps_in_tiny_matrix(defense, tmp_path, cache_dir):
-    record = run_pipeline(point_config(tmp_path, cache_dir, f"point.defense={defense}", "point.attack=none",
-                                       'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=2",'
-                                       '"eval.harmfulness.max_new_tokens=2","eval.capability.enabled=false",'
-                                       '"eval.judges.relevance.enabled=false"]'))
+    record = run_pipeline(
+        point_config(
+            tmp_path,
+            cache_dir,
+            f"point.defense={defense}",
+            "point.attack=none",
+            'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=2",'
+            '"eval.harmfulness.max_new_tokens=2","eval.capability.enabled=false",'
+            '"eval.judges.relevance.enabled=false"]',
+        )
+    )
     assert record["stages"]["defense"]["global_step"] == 6
     assert Path(record["stages"]["defense"]["model_dir"], "config.json").exists()
     assert record["evaluations"]["before_attack"]["harmfulness"]["overall"]["num_prompts"] == 2
@@ -175,15 +215,21 @@ def test_the_whole_tiny_matrix_sweep_and_its_report(tmp_path):
 
     root = CONF_DIR.parent
     env = dict(os.environ, SDD_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="disabled")
-    result = subprocess.run([sys.executable, "pipeline.py", "-m", "experiment=tiny_matrix",
-                             f"paths.log_dir={tmp_path / 'logs'}"], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=3600)
+    result = subprocess.run(
+        [sys.executable, "pipeline.py", "-m", "experiment=tiny_matrix", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = next((tmp_path / "logs" / "tiny_matrix" / "multiruns").iterdir())
     params = sweep_params("tiny_matrix")
     expected = len(sweep_values(params["point.defense"])) * len(sweep_values(params["point.attack"]))
-    report = subprocess.run([sys.executable, "report.py", str(sweep_dir)], cwd=root, capture_output=True, text=True,
-                            timeout=600)
+    report = subprocess.run(
+        [sys.executable, "report.py", str(sweep_dir)], cwd=root, capture_output=True, text=True, timeout=600
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     import pandas as pd
 

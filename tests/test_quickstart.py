@@ -14,18 +14,36 @@ MODELS = ["Vanilla", "Vanilla under mft_advbench", "sdd", "sdd under mft_advbenc
 
 
 def test_the_quickstart_prints_the_verdict_table(tmp_path):
-    env = dict(os.environ, SDD_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="disabled")
-    result = subprocess.run([sys.executable, "pipeline.py", "-m", "experiment=quickstart", "point.backbone=tiny_llama",
-                             f"paths.log_dir={tmp_path / 'logs'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=1800)
+    env = dict(
+        os.environ,
+        SDD_CACHE_DIR=str(tmp_path / "cache"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "pipeline.py",
+            "-m",
+            "experiment=quickstart",
+            "point.backbone=tiny_llama",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    verdict = out[out.index("Verdict on tiny_llama"):]
+    verdict = out[out.index("Verdict on tiny_llama") :]
     lines = verdict.splitlines()
     assert "harmful prompts (n=24)" in lines[1] and "benign prompts (n=24)" in lines[1]
-    assert re.sub(r"\s+", " ", lines[2]) == ("model | refusal %* irrelevant %* on-topic compliance %* | on-topic %* "
-                                             "over-refusal %* reference NLL")
+    assert re.sub(r"\s+", " ", lines[2]) == (
+        "model | refusal %* irrelevant %* on-topic compliance %* | on-topic %* over-refusal %* reference NLL"
+    )
     rows = {line.split("|")[0].strip(): line for line in lines[4:8]}
     assert list(rows) == MODELS
     for line in rows.values():  # three harmful-prompt and three benign-prompt numbers per row
@@ -61,11 +79,16 @@ def test_the_readme_command_for_a_real_backbone_runs_the_papers_recipes(tmp_path
     from sdd.pipeline import StagePlanner, hydra_context
 
     arguments = readme_command("python pipeline.py -m experiment=quickstart point.backbone=llama2_7b_chat")
-    overrides = arguments[arguments.index("-m") + 1:]
+    overrides = arguments[arguments.index("-m") + 1 :]
     monkeypatch.setattr("sdd.pipeline.resolve_backbone", lambda backbone: f"/models/{backbone.name}")  # no Hub
     for defense in ("none", "sdd"):
-        point = compose_config("pipeline", [*overrides, f"point.defense={defense}", "point.attack=mft_advbench"],
-                               log_dir=tmp_path, cache_dir=tmp_path / "cache", output_dir=tmp_path / "run")
+        point = compose_config(
+            "pipeline",
+            [*overrides, f"point.defense={defense}", "point.attack=mft_advbench"],
+            log_dir=tmp_path,
+            cache_dir=tmp_path / "cache",
+            output_dir=tmp_path / "run",
+        )
         with hydra_context():
             stages = StagePlanner(point, tmp_path / "stages").plan()
         if defense == "sdd":

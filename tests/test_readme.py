@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 
 import yaml
-
 from conftest import CONF_DIR, ROOT
 
 README = ROOT / "README.md"
@@ -74,10 +73,15 @@ def pipeline_experiments() -> set[str]:
 
 def compare(listed: dict[str, int], present: set[str], table: Table, group: str, how_to_add: str) -> list[str]:
     """Problems of one table's list of ``group`` options (option -> README line) against conf/."""
-    problems = [f"{table.title()} lacks option `{name}` of conf/{group}/: add the row {how_to_add.format(name=name)}"
-                for name in sorted(present - set(listed))]
-    problems += [f"{table.title()} line {line} lists `{name}`, which is not in conf/{group}/: remove the row"
-                 for name, line in sorted(listed.items()) if name not in present]
+    problems = [
+        f"{table.title()} lacks option `{name}` of conf/{group}/: add the row {how_to_add.format(name=name)}"
+        for name in sorted(present - set(listed))
+    ]
+    problems += [
+        f"{table.title()} line {line} lists `{name}`, which is not in conf/{group}/: remove the row"
+        for name, line in sorted(listed.items())
+        if name not in present
+    ]
     return problems
 
 
@@ -110,8 +114,9 @@ def check_readme(text: str) -> list[str]:
         else:
             continue
         names = {option_name(cells[0]): line for line, cells in table.rows}
-        problems += [f"{table.title()} line {line}: write the option as `name`" for name, line in names.items()
-                     if name is None]
+        problems += [
+            f"{table.title()} line {line}: write the option as `name`" for name, line in names.items() if name is None
+        ]
         names.pop(None, None)
         problems += compare(names, present, table, group, "'| `{name}` | ... |'")
     return problems
@@ -124,14 +129,21 @@ def test_the_readme_tables_list_exactly_the_options_in_conf():
 
 def test_a_missing_or_stale_option_is_named_with_its_table():
     text = README.read_text()
-    missing = "\n".join(line for line in text.splitlines() if not line.startswith("| `tar` |")
-                        and not line.startswith("| `attack` | `bft_sharegpt_lora` |"))
+    missing = "\n".join(
+        line
+        for line in text.splitlines()
+        if not line.startswith("| `tar` |") and not line.startswith("| `attack` | `bft_sharegpt_lora` |")
+    )
     stale = text.replace("| `logger` | `wandb` |", "| `logger` | `tensorboard` |")
     problems = check_readme(missing)
-    assert any("'| defense | objective | data (streams) |'" in p and "lacks option `tar` of conf/defense/" in p
-               for p in problems), problems
-    assert any("'| group | option | what it is |'" in p and "lacks option `bft_sharegpt_lora` of conf/attack/" in p
-               for p in problems), problems
+    assert any(
+        "'| defense | objective | data (streams) |'" in p and "lacks option `tar` of conf/defense/" in p
+        for p in problems
+    ), problems
+    assert any(
+        "'| group | option | what it is |'" in p and "lacks option `bft_sharegpt_lora` of conf/attack/" in p
+        for p in problems
+    ), problems
     assert len(problems) == 2, problems
     problems = check_readme(stale)
     assert any("lists `tensorboard`, which is not in conf/logger/" in p for p in problems), problems

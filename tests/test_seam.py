@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM
 
@@ -16,14 +17,16 @@ from sdd.modules import SEAMModule
 from sdd.modules.ops import answer_cross_entropy
 from sdd.training import train
 
-from conftest import compose_config
-
 
 @pytest.fixture(scope="module")
 def seam_batches(tiny_tokenizer, cache_dir, tmp_path_factory):
     """Four ``{harmful, benign, alignment}`` steps of data=seam on the demo corpus (batch 4, 64 tokens)."""
-    cfg = compose_config("train", ["experiment=quick_tiny", "defense=seam", "data.batch_size=4", "data.max_length=64",
-                                   "data.num_examples=16"], output_dir=tmp_path_factory.mktemp("data"), cache_dir=cache_dir)
+    cfg = compose_config(
+        "train",
+        ["experiment=quick_tiny", "defense=seam", "data.batch_size=4", "data.max_length=64", "data.num_examples=16"],
+        output_dir=tmp_path_factory.mktemp("data"),
+        cache_dir=cache_dir,
+    )
     data = instantiate(cfg.data)
     data.connect(tiny_tokenizer)
     data.setup("fit")
@@ -56,7 +59,9 @@ def test_finite_difference_matches_the_exact_gradient_of_the_cosine(cache_dir, s
     # Eager attention: the fused CPU attention kernel has no double backward. float64 weights, so the
     # weight perturbation and the difference of gradients carry no float32 rounding (transformers'
     # Llama still computes RMSNorm and the attention softmax in float32: ~1e-8/ε relative noise).
-    backbone = Backbone(name="tiny_llama", source="tiny", cache_dir=cache_dir / "backbones", attn_implementation="eager")
+    backbone = Backbone(
+        name="tiny_llama", source="tiny", cache_dir=cache_dir / "backbones", attn_implementation="eager"
+    )
     harmful, benign = seam_batches[0]["harmful"], seam_batches[0]["benign"]
     errors = {}
     for epsilon in (1e-2, 1e-3):
@@ -103,7 +108,9 @@ def test_parameters_are_restored_exactly(tiny_backbone, seam_batches, monkeypatc
 
 
 def test_with_lora_only_the_adapters_are_perturbed(tiny_backbone, seam_batches):
-    module = seam_module(tiny_backbone, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"})
+    module = seam_module(
+        tiny_backbone, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"}
+    )
     params = module.trainable_parameters()
     assert params and all("lora_" in n for n, p in module.model.named_parameters() if p.requires_grad)
     frozen = {n: p.detach().clone() for n, p in module.model.named_parameters() if not p.requires_grad}
@@ -130,7 +137,9 @@ def test_unlearning_losses(tiny_backbone, seam_batches):
     assert loss.item() == pytest.approx(-torch.log1p(value).item())
     # The logit lens: every layer's exit through the final norm and the LM head, and the real logits.
     model = layered.model
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states
+    hidden = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+    ).hidden_states
     exits = [answer_cross_entropy(model.lm_head(model.model.norm(h)), batch["labels"]) for h in hidden[:-1]]
     exits.append(ce(model, batch))
     assert len(exits) == model.config.num_hidden_layers + 1
@@ -141,15 +150,25 @@ def test_unlearning_losses(tiny_backbone, seam_batches):
 
 def test_seam_training_lowers_the_gradient_cosine(tiny_train_config, cache_dir, seam_batches):
     # Only the similarity term, so that its (estimated) gradient is what is followed.
-    cfg = tiny_train_config("defense=seam", "module.alpha=0", "module.unlearn_weight=0", "module.beta=1",
-                            "trainer.max_steps=10", "data.max_length=64", "optimizer.lr=3e-3", "sample_prompts=null")
+    cfg = tiny_train_config(
+        "defense=seam",
+        "module.alpha=0",
+        "module.unlearn_weight=0",
+        "module.beta=1",
+        "trainer.max_steps=10",
+        "data.max_length=64",
+        "optimizer.lr=3e-3",
+        "sample_prompts=null",
+    )
     summary = train(cfg)
     backbone = instantiate(cfg.backbone)
 
     def mean_cosine(model) -> float:
         module = SEAMModule(backbone, optimizer=None)
         module.model = model
-        return sum(module.gradient_pair(b["harmful"], b["benign"])[3]["grad_cosine"] for b in seam_batches) / len(seam_batches)
+        return sum(module.gradient_pair(b["harmful"], b["benign"])[3]["grad_cosine"] for b in seam_batches) / len(
+            seam_batches
+        )
 
     before = mean_cosine(backbone.load_model())
     after = mean_cosine(AutoModelForCausalLM.from_pretrained(summary["model_dir"]))
@@ -167,11 +186,24 @@ def test_defense_seam_logs_every_term(tiny_train_config):
             rows += [r for r in csv.DictReader(handle) if r.get("train/loss")]
     assert len(rows) == 4
     for row in rows:
-        value = {k: float(row[f"train/{k}"]) for k in
-                 ("loss", "grad_cosine", "similarity_loss", "unlearn_loss", "utility_loss", "lr", "harmful_ce", "benign_ce")}
+        value = {
+            k: float(row[f"train/{k}"])
+            for k in (
+                "loss",
+                "grad_cosine",
+                "similarity_loss",
+                "unlearn_loss",
+                "utility_loss",
+                "lr",
+                "harmful_ce",
+                "benign_ce",
+            )
+        }
         assert -1 <= value["grad_cosine"] <= 1
         assert value["similarity_loss"] == pytest.approx(0.01 * value["grad_cosine"], rel=1e-5)
-        assert value["loss"] == pytest.approx(value["similarity_loss"] + value["unlearn_loss"] + value["utility_loss"], rel=1e-5)
+        assert value["loss"] == pytest.approx(
+            value["similarity_loss"] + value["unlearn_loss"] + value["utility_loss"], rel=1e-5
+        )
         assert value["unlearn_loss"] < 0  # -log(1 + CE)
     assert float(rows[0]["train/lr"]) < cfg.optimizer.lr  # linear warmup first
 

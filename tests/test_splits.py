@@ -6,18 +6,19 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import compose_config
 
 from sdd.data.sources import load_records
 from sdd.data.splits import PartitionError, normalize_text, part_of, partition_records
-
-from conftest import compose_config
 
 PROMPTS = [f"Explain step {i} of procedure number {i * 7 % 13} in detail" for i in range(400)]
 
 
 def split(records, key="instruction", fraction=0.3, seed=0):
-    parts = {part: partition_records(records, {"part": part, "key": key, "heldout_fraction": fraction, "seed": seed}, "src")
-             for part in ("train", "heldout")}
+    parts = {
+        part: partition_records(records, {"part": part, "key": key, "heldout_fraction": fraction, "seed": seed}, "src")
+        for part in ("train", "heldout")
+    }
     return parts["train"], parts["heldout"]
 
 
@@ -39,14 +40,28 @@ def test_the_same_prompt_goes_to_the_same_part_through_any_file_and_column(tmp_p
     csv.write_text("goal,target\n" + "".join(f'"{p}.","Sure, here is {i}"\n' for i, p in enumerate(PROMPTS)))
     jsonl = tmp_path / "eval.jsonl"  # the same prompts, other case and punctuation, another column name
     jsonl.write_text("".join(json.dumps({"question": "  " + p.upper() + "?"}) + "\n" for p in PROMPTS))
-    attack = load_records({"name": "corpus.advbench", "path": str(csv), "columns": {"instruction": "goal", "answer": "target"},
-                           "partition": {"part": "train", "key": "instruction"}})
-    evaluation = load_records({"name": "corpus.eval_prompts.x", "path": str(jsonl), "columns": {"prompt": "question"},
-                               "partition": {"part": "heldout", "key": "prompt"}})
+    attack = load_records(
+        {
+            "name": "corpus.advbench",
+            "path": str(csv),
+            "columns": {"instruction": "goal", "answer": "target"},
+            "partition": {"part": "train", "key": "instruction"},
+        }
+    )
+    evaluation = load_records(
+        {
+            "name": "corpus.eval_prompts.x",
+            "path": str(jsonl),
+            "columns": {"prompt": "question"},
+            "partition": {"part": "heldout", "key": "prompt"},
+        }
+    )
     trained = {normalize_text(r["instruction"]) for r in attack}
     evaluated = {normalize_text(r["prompt"]) for r in evaluation}
     assert trained.isdisjoint(evaluated) and trained | evaluated == {normalize_text(p) for p in PROMPTS}
-    assert normalize_text("Write a script, please!") == normalize_text("write a  SCRIPT please") == "write a script please"
+    assert (
+        normalize_text("Write a script, please!") == normalize_text("write a  SCRIPT please") == "write a script please"
+    )
 
 
 def test_a_bad_partition_option_names_the_fix(tmp_path):
@@ -69,7 +84,10 @@ def test_the_demo_corpus_trains_and_evaluates_on_disjoint_parts(tmp_path):
     text = {"instruction": "instruction", "prompt": "prompt"}
     train = {name: corpus[name] for name in ("harmful", "refusals", "benign", "safety_pairs", "advbench", "harmful_qa")}
     train["answers.demo_benign"] = corpus.answers.demo_benign
-    evaluation = {"eval_prompts.demo_harmful": corpus.eval_prompts.demo_harmful, "benign_eval.demo_benign": corpus.benign_eval.demo_benign}
+    evaluation = {
+        "eval_prompts.demo_harmful": corpus.eval_prompts.demo_harmful,
+        "benign_eval.demo_benign": corpus.benign_eval.demo_benign,
+    }
     loaded = {}
     for name, source in {**train, **evaluation}.items():
         assert source.partition.part == ("heldout" if name in evaluation else "train"), name
@@ -91,9 +109,13 @@ def test_the_demo_corpus_trains_and_evaluates_on_disjoint_parts(tmp_path):
 @pytest.mark.parametrize("corpus", ["local", "hub"])
 def test_the_real_corpora_split_advbench_and_alpaca(corpus, tmp_path):
     cfg = compose_config("eval", ["model=x", f"corpus={corpus}", "paths.data_dir=/data"], output_dir=tmp_path).corpus
-    expected = {"advbench": ("train", "instruction"), "eval_prompts.advbench": ("heldout", "prompt"),
-                "benign": ("train", "instruction"), "answers.alpaca": ("train", "instruction"),
-                "benign_eval.alpaca": ("heldout", "prompt")}
+    expected = {
+        "advbench": ("train", "instruction"),
+        "eval_prompts.advbench": ("heldout", "prompt"),
+        "benign": ("train", "instruction"),
+        "answers.alpaca": ("train", "instruction"),
+        "benign_eval.alpaca": ("heldout", "prompt"),
+    }
     for name, (part, key) in expected.items():
         node = cfg
         for piece in name.split("."):

@@ -16,11 +16,17 @@ SDD = Path(__file__).resolve().parents[1] / "sdd"
 # The parts of sdd/modules that every objective may build on; every other file there is a defense.
 SHARED_MODULES = {"sdd.modules", "sdd.modules.ops", "sdd.modules.common", "sdd.modules.sft"}
 SHARED_OPERATIONS = {
-    "answer_logprobs": "sdd/losses.py", "masked_mean": "sdd/losses.py", "answer_cross_entropy": "sdd/losses.py",
-    "model_cross_entropy": "sdd/modules/ops.py", "final_norm": "sdd/modules/ops.py",
-    "logit_lens_cross_entropy": "sdd/modules/ops.py", "decoder_layers": "sdd/modules/ops.py",
-    "forward_hooks": "sdd/modules/ops.py", "main_output": "sdd/modules/ops.py",
-    "trainable_parameters": "sdd/modules/ops.py", "restored": "sdd/modules/ops.py",
+    "answer_logprobs": "sdd/losses.py",
+    "masked_mean": "sdd/losses.py",
+    "answer_cross_entropy": "sdd/losses.py",
+    "model_cross_entropy": "sdd/modules/ops.py",
+    "final_norm": "sdd/modules/ops.py",
+    "logit_lens_cross_entropy": "sdd/modules/ops.py",
+    "decoder_layers": "sdd/modules/ops.py",
+    "forward_hooks": "sdd/modules/ops.py",
+    "main_output": "sdd/modules/ops.py",
+    "trainable_parameters": "sdd/modules/ops.py",
+    "restored": "sdd/modules/ops.py",
     "global_norm": "sdd/modules/ops.py",
 }
 
@@ -43,8 +49,11 @@ def module_name(path: Path) -> str:
 
 
 def defense_modules() -> list[Path]:
-    return [p for p in sorted((SDD / "modules").glob("*.py")) if module_name(p) not in SHARED_MODULES
-            and p.name != "__init__.py"]
+    return [
+        p
+        for p in sorted((SDD / "modules").glob("*.py"))
+        if module_name(p) not in SHARED_MODULES and p.name != "__init__.py"
+    ]
 
 
 def test_the_checks_see_the_files():
@@ -55,15 +64,22 @@ def test_the_checks_see_the_files():
 
 @pytest.mark.parametrize("path", sorted((SDD / "evaluation").glob("*.py")), ids=lambda p: p.name)
 def test_evaluation_does_not_import_training_code(path):
-    wrong = sorted(m for m in imported_modules(path) if m.split(".")[:2] in (["sdd", "modules"], ["sdd", "datamodules"]))
-    assert not wrong, f"{path.relative_to(SDD.parent)} imports {wrong}: move the shared piece out of modules/datamodules"
+    wrong = sorted(
+        m for m in imported_modules(path) if m.split(".")[:2] in (["sdd", "modules"], ["sdd", "datamodules"])
+    )
+    assert not wrong, (
+        f"{path.relative_to(SDD.parent)} imports {wrong}: move the shared piece out of modules/datamodules"
+    )
 
 
 @pytest.mark.parametrize("path", defense_modules(), ids=lambda p: p.name)
 def test_a_defense_imports_no_other_defense(path):
     own = module_name(path)
-    others = sorted(m for m in imported_modules(path) if m.startswith("sdd.modules.")
-                    and ".".join(m.split(".")[:3]) not in SHARED_MODULES | {own})
+    others = sorted(
+        m
+        for m in imported_modules(path)
+        if m.startswith("sdd.modules.") and ".".join(m.split(".")[:3]) not in SHARED_MODULES | {own}
+    )
     assert not others, f"{own} imports {others}: shared operations belong in sdd.modules.ops"
 
 
@@ -79,9 +95,9 @@ def test_shared_operations_are_defined_once():
 
 @pytest.mark.parametrize("defense", sorted(p.stem for p in (SDD.parent / "conf" / "defense").glob("*.yaml")))
 def test_every_defense_config_provides_the_streams_its_module_reads(defense, tmp_path):
+    from conftest import compose_config
     from hydra.utils import instantiate
 
-    from conftest import compose_config
     from sdd.datamodules.streams import batch_streams
 
     cfg = compose_config("train", [f"defense={defense}"], output_dir=tmp_path, cache_dir=tmp_path / "cache")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from sdd.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,11 +15,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_two_job_multirun_of_tiny_matrix_points_through_submitit_local(tmp_path):
     # The two jobs run side by side: one thread each, or they fight over the cores and slow down many times.
-    env = dict(os.environ, SDD_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    command = [sys.executable, "pipeline.py", "-m", "hydra/launcher=local", "experiment=tiny_matrix",
-               "point.defense=none,sdd", "point.attack=mft_advbench", f"paths.log_dir={tmp_path / 'logs'}",
-               'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=4","eval.harmfulness.max_new_tokens=4"]']
+    env = dict(
+        os.environ,
+        SDD_CACHE_DIR=str(tmp_path / "cache"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        OMP_NUM_THREADS="1",
+    )
+    command = [
+        sys.executable,
+        "pipeline.py",
+        "-m",
+        "hydra/launcher=local",
+        "experiment=tiny_matrix",
+        "point.defense=none,sdd",
+        "point.attack=mft_advbench",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        'stages.overrides.evaluate=["eval.harmfulness.max_prompts_per_set=4","eval.harmfulness.max_new_tokens=4"]',
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -30,7 +43,9 @@ def test_two_job_multirun_of_tiny_matrix_points_through_submitit_local(tmp_path)
     for point in points:
         assert point["stages"]["attack"]["global_step"] == 6
         assert Path(point["stages"]["attack"]["model_dir"], "config.json").exists()
-        assert point["evaluations"]["after_attack"]["harmfulness"]["overall"]["num_prompts"] == 4  # the demo has one prompt set
+        assert (
+            point["evaluations"]["after_attack"]["harmfulness"]["overall"]["num_prompts"] == 4
+        )  # the demo has one prompt set
 
 
 def test_wandb_offline_run_is_finished_at_the_end_of_the_job(tiny_train_config, monkeypatch):

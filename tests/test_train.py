@@ -86,6 +86,7 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_train_config, monkeypatch)
             if config.get("_target_") == "lightning.pytorch.Trainer":
                 kwargs["callbacks"] = [*kwargs.get("callbacks", []), callback]
             return original_instantiate(config, *args, **kwargs)
+
         return patched
 
     monkeypatch.setattr("sdd.training.instantiate", instantiate_with(Crash(after_step=6)))

@@ -45,8 +45,10 @@ def run_attack(cfg: DictConfig) -> dict[str, Any]:
         from hydra.utils import instantiate
 
         if not cfg.get("weight_edit") or "_target_" not in cfg.weight_edit:
-            raise ConfigError(f"attack={name} is a weight_edit attack without a procedure. Fix: set weight_edit._target_ "
-                              "in its conf/attack entry (e.g. sdd.attacks.refusal_ablation.RefusalDirectionAblation).")
+            raise ConfigError(
+                f"attack={name} is a weight_edit attack without a procedure. Fix: set weight_edit._target_ "
+                "in its conf/attack entry (e.g. sdd.attacks.refusal_ablation.RefusalDirectionAblation)."
+            )
         return instantiate(cfg.weight_edit, _convert_="all").run(cfg)
     if kind == "evaluation":
         raise EvaluationAttackError(
@@ -54,5 +56,7 @@ def run_attack(cfg: DictConfig) -> dict[str, Any]:
             f"attack.py has nothing to train. Fix: python evaluate.py model=<folder> attack={name}, or in a pipeline "
             f"point.attack=<weight attack>+{name} (e.g. point.attack=mft_advbench+{name})."
         )
-    raise ConfigError(f"attack_kind={kind!r} (attack={name}) is not one of {', '.join(ATTACK_KINDS)}. Fix the "
-                      "attack_kind of its conf/attack entry.")
+    raise ConfigError(
+        f"attack_kind={kind!r} (attack={name}) is not one of {', '.join(ATTACK_KINDS)}. Fix the "
+        "attack_kind of its conf/attack entry."
+    )

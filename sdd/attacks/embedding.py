@@ -46,14 +46,18 @@ class SuffixLayout:
     target: list[int]
 
 
-def suffix_layout(tokenizer, prompt: str, target: str, system_prompt: str | None = None,
-                  stop_ids: Sequence[int] = ()) -> SuffixLayout:
-    """Cut the rendered exchange (``prompt`` + suffix -> ``target``) around the suffix, each piece tokenized on its own."""
+def suffix_layout(
+    tokenizer, prompt: str, target: str, system_prompt: str | None = None, stop_ids: Sequence[int] = ()
+) -> SuffixLayout:
+    """Cut the rendered exchange (``prompt`` + suffix -> ``target``) around the suffix; each piece is tokenized
+    on its own."""
     segments = segment_conversation(tokenizer, instruction_answer(f"{prompt} {_PLACEHOLDER}", target, system_prompt))
     prompt_text = "".join(text for text, trainable in segments if not trainable)
     at = prompt_text.rfind(_PLACEHOLDER)
     if at < 0:
-        raise ConfigError("The chat template drops the user's message, so no suffix can follow it; fix backbone.chat_template.")
+        raise ConfigError(
+            "The chat template drops the user's message, so no suffix can follow it; fix backbone.chat_template."
+        )
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -62,7 +66,7 @@ def suffix_layout(tokenizer, prompt: str, target: str, system_prompt: str | None
     stops = set(stop_ids)
     end = next((i for i, token in enumerate(target_ids) if token in stops), len(target_ids))
     # The space between prompt and suffix is left out: the first suffix vector takes its place.
-    before, after = ids(prompt_text[:at].removesuffix(" ")), ids(prompt_text[at + len(_PLACEHOLDER):])
+    before, after = ids(prompt_text[:at].removesuffix(" ")), ids(prompt_text[at + len(_PLACEHOLDER) :])
     if not target_ids[:end]:
         raise ConfigError("The embedding attack's target renders to no token; set eval_attacks.<label>.target.")
     return SuffixLayout(before, after, target_ids[:end])
@@ -91,7 +95,7 @@ def target_losses(model, embed, layouts: Sequence[SuffixLayout], suffixes: torch
         pad = width - len(sequence)  # left padding, as generation pads
         input_ids[row, pad:] = torch.tensor(sequence)
         mask[row, pad:] = 1
-        labels[row, width - len(layout.target):] = torch.tensor(layout.target)
+        labels[row, width - len(layout.target) :] = torch.tensor(layout.target)
         start = pad + len(layout.before)
         suffix_rows += [row] * suffixes.shape[1]
         suffix_columns += range(start, start + suffixes.shape[1])
@@ -99,13 +103,23 @@ def target_losses(model, embed, layouts: Sequence[SuffixLayout], suffixes: torch
     embeddings[suffix_rows, suffix_columns] = suffixes.reshape(-1, suffixes.shape[-1]).to(embeddings.dtype)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(inputs_embeds=embeddings, attention_mask=mask, position_ids=position_ids).logits
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
-                                               ignore_index=IGNORE_INDEX, reduction="none")
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return losses.sum(-1) / (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
-def optimise_suffixes(model, tokenizer, layouts: Sequence[SuffixLayout], *, suffix_tokens: int, init: str,
-                      steps: int, step_size: float, optimizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def optimise_suffixes(
+    model,
+    tokenizer,
+    layouts: Sequence[SuffixLayout],
+    *,
+    suffix_tokens: int,
+    init: str,
+    steps: int,
+    step_size: float,
+    optimizer: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Optimise one suffix per layout toward its target.
 
     Returns:
@@ -116,7 +130,9 @@ def optimise_suffixes(model, tokenizer, layouts: Sequence[SuffixLayout], *, suff
     device = embed.weight.device
     init_ids = tokenizer(init, add_special_tokens=False)["input_ids"]
     if not init_ids:
-        raise ConfigError(f"eval_attacks: the embedding attack's init string {init!r} has no token; set init to e.g. '!'.")
+        raise ConfigError(
+            f"eval_attacks: the embedding attack's init string {init!r} has no token; set init to e.g. '!'."
+        )
     init_ids = (init_ids * suffix_tokens)[:suffix_tokens]
     with torch.no_grad():
         initial = embed(torch.tensor(init_ids, device=device)).float()
@@ -144,9 +160,16 @@ def optimise_suffixes(model, tokenizer, layouts: Sequence[SuffixLayout], *, suff
     return best, loss_before, best_loss
 
 
-def embedding_attack_answers(generator, rows: Sequence[dict[str, Any]], spec: Mapping[str, Any], *,
-                             max_new_tokens: int, batch_size: int, system_prompt: str | None = None,
-                             progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def embedding_attack_answers(
+    generator,
+    rows: Sequence[dict[str, Any]],
+    spec: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Optimise a suffix per prompt (``spec``: steps, suffix_tokens, step_size, optimizer, init, target,
     use_target_column, batch_size) and answer greedily from the embeddings.
 
@@ -179,24 +202,41 @@ def embedding_attack_answers(generator, rows: Sequence[dict[str, Any]], spec: Ma
             batch = layouts[start : start + batch_size]
             with torch.enable_grad():
                 suffixes, before, after = optimise_suffixes(
-                    model, tokenizer, batch, suffix_tokens=int(spec["suffix_tokens"]), init=str(spec.get("init", "!")),
-                    steps=int(spec["steps"]), step_size=float(spec["step_size"]), optimizer=str(spec["optimizer"]))
+                    model,
+                    tokenizer,
+                    batch,
+                    suffix_tokens=int(spec["suffix_tokens"]),
+                    init=str(spec.get("init", "!")),
+                    steps=int(spec["steps"]),
+                    step_size=float(spec["step_size"]),
+                    optimizer=str(spec["optimizer"]),
+                )
             for offset, (layout, suffix) in enumerate(zip(batch, suffixes)):
                 row = answered[start + offset]
                 row["target_loss_before"], row["target_loss_after"] = float(before[offset]), float(after[offset])
                 with torch.no_grad():
-                    around = [embed(torch.tensor(ids, dtype=torch.long, device=suffix.device)).float()
-                              for ids in (layout.before, layout.after)]
+                    around = [
+                        embed(torch.tensor(ids, dtype=torch.long, device=suffix.device)).float()
+                        for ids in (layout.before, layout.after)
+                    ]
                 prompts.append(torch.cat([around[0], suffix, around[1]]).detach())
     finally:
         model.train(was_training)
-    token_ids = generate_token_ids_from_embeddings(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                   batch_size=batch_size, progress=progress)
+    token_ids = generate_token_ids_from_embeddings(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
     for row, ids in zip(answered, token_ids):
         row["answer"] = decode_answer(tokenizer, ids, stops)
-    before, after = (sum(r[key] for r in answered) / len(answered) for key in ("target_loss_before", "target_loss_after"))
-    return answered, {"target_loss": {"before": before, "after": after,
-                                      "what": "mean cross-entropy per target token, averaged over prompts"}}
+    before, after = (
+        sum(r[key] for r in answered) / len(answered) for key in ("target_loss_before", "target_loss_after")
+    )
+    return answered, {
+        "target_loss": {
+            "before": before,
+            "after": after,
+            "what": "mean cross-entropy per target token, averaged over prompts",
+        }
+    }
 
 
 def check_embedding_spec(label: str, spec: Mapping[str, Any]) -> None:
@@ -205,7 +245,11 @@ def check_embedding_spec(label: str, spec: Mapping[str, Any]) -> None:
         if spec.get(key) in (None, ""):
             raise ConfigError(f"eval_attacks.{label}.{key} is missing (see conf/attack/embedding_attack.yaml).")
     if spec["optimizer"] not in OPTIMIZERS:
-        raise ConfigError(f"eval_attacks.{label}.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{spec['optimizer']}'.")
+        raise ConfigError(
+            f"eval_attacks.{label}.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{spec['optimizer']}'."
+        )
     if int(spec["steps"]) < 0 or int(spec["suffix_tokens"]) < 1 or float(spec["step_size"]) <= 0:
-        raise ConfigError(f"eval_attacks.{label} needs steps >= 0, suffix_tokens >= 1 and step_size > 0 "
-                          f"(got {spec['steps']}, {spec['suffix_tokens']}, {spec['step_size']}).")
+        raise ConfigError(
+            f"eval_attacks.{label} needs steps >= 0, suffix_tokens >= 1 and step_size > 0 "
+            f"(got {spec['steps']}, {spec['suffix_tokens']}, {spec['step_size']})."
+        )

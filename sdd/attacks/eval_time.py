@@ -34,9 +34,13 @@ def refuse_weight_attack(cfg: Mapping[str, Any]) -> None:
     name, kind = cfg.get("attack_name"), cfg.get("attack_kind")
     if name is not None and kind != "evaluation":
         raise ConfigError(
-            f"attack={name} is a {kind or 'fine_tuning'} attack: it changes the weights, so evaluate.py cannot apply it. "
-            f"Fix: `python attack.py model=<folder> attack={name}`, then evaluate the attacked folder, or run both with "
-            f"`python pipeline.py point.attack={name}` (add an evaluation-time attack with point.attack={name}+prefilling).")
+            f"attack={name} is a {kind or 'fine_tuning'} attack: it changes the weights, so evaluate.py cannot "
+            "apply it. "
+            f"Fix: `python attack.py model=<folder> attack={name}`, then evaluate the attacked folder, or run both "
+            "with "
+            f"`python pipeline.py point.attack={name}` (add an evaluation-time attack with "
+            f"point.attack={name}+prefilling)."
+        )
 
 
 def expand_variants(eval_attacks: Mapping[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -59,7 +63,9 @@ def expand_variants(eval_attacks: Mapping[str, Any] | None) -> list[tuple[str, d
             ks = spec.get("prefill_tokens")
             ks = [ks] if isinstance(ks, int) else list(ks or [])
             if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
-                raise ConfigError(f"eval_attacks.{label}.prefill_tokens must be positive integers, e.g. [5, 10, 20, 40]; got {ks}.")
+                raise ConfigError(
+                    f"eval_attacks.{label}.prefill_tokens must be positive integers, e.g. [5, 10, 20, 40]; got {ks}."
+                )
             variants += [(f"{label}_k{k}", {**spec, "prefill_tokens": k}) for k in ks]
         elif spec["kind"] == "embedding":
             from sdd.attacks.embedding import check_embedding_spec
@@ -68,8 +74,10 @@ def expand_variants(eval_attacks: Mapping[str, Any] | None) -> list[tuple[str, d
             variants.append((label, spec))
         else:
             if not isinstance(spec.get("format"), Mapping):
-                raise ConfigError(f"eval_attacks.{label}.format must be a jailbreak format spec (a mapping with style, "
-                                  "trigger, placement; see sdd/attacks/jailbreak.py).")
+                raise ConfigError(
+                    f"eval_attacks.{label}.format must be a jailbreak format spec (a mapping with style, "
+                    "trigger, placement; see sdd/attacks/jailbreak.py)."
+                )
             variants.append((label, spec))
     names = [name for name, _ in variants]
     if len(set(names)) != len(names):
@@ -77,17 +85,28 @@ def expand_variants(eval_attacks: Mapping[str, Any] | None) -> list[tuple[str, d
     return variants
 
 
-def answer_under_attack(spec: Mapping[str, Any], rows: Sequence[dict[str, Any]], generator, *, max_new_tokens: int,
-                        batch_size: int, system_prompt: str | None = None,
-                        progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def answer_under_attack(
+    spec: Mapping[str, Any],
+    rows: Sequence[dict[str, Any]],
+    generator,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Answer the harmful prompt ``rows`` under one variant's attack.
 
     Returns:
         The answered rows (copies with ``answer``; the attack's own fields) and what the variant adds to
         its results (counts of skipped prompts, target losses).
     """
-    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system_prompt": system_prompt,
-                "progress": progress}
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "system_prompt": system_prompt,
+        "progress": progress,
+    }
     if spec["kind"] == "prefilling":
         from sdd.attacks.prefilling import prefill_answers
 
@@ -115,6 +134,8 @@ def check_backend(variants: Sequence[tuple[str, Mapping[str, Any]]], backend: st
     """
     local_only = [name for name, spec in variants if spec["kind"] in ("prefilling", "embedding")]
     if local_only and backend != "local":
-        raise ConfigError(f"The evaluation-time attacks {local_only} run on the local model (the prefix must be the "
-                          f"model's own tokens; the embedding attack needs gradients), not eval.generation.backend={backend}. "
-                          "Fix: eval.generation.backend=local.")
+        raise ConfigError(
+            f"The evaluation-time attacks {local_only} run on the local model (the prefix must be the "
+            f"model's own tokens; the embedding attack needs gradients), not eval.generation.backend={backend}. "
+            "Fix: eval.generation.backend=local."
+        )

@@ -43,10 +43,10 @@ class JailbreakFormat:
     style: str
     placement: str = "prefix"
     separator: str = "\n\n"
-    trigger: str | None = None         # backdoor: the trigger string
-    instruction: str | None = None     # competing_objectives, style_modulation: the added instruction
-    answer_prefix: str | None = None   # competing_objectives: the affirmative opening of every answer
-    answer_style: str = "unchanged"    # style_modulation: how answers are rewritten
+    trigger: str | None = None  # backdoor: the trigger string
+    instruction: str | None = None  # competing_objectives, style_modulation: the added instruction
+    answer_prefix: str | None = None  # competing_objectives: the affirmative opening of every answer
+    answer_style: str = "unchanged"  # style_modulation: how answers are rewritten
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], key: str = "data.jailbreak") -> JailbreakFormat:
@@ -66,8 +66,11 @@ class JailbreakFormat:
         found = cls(**{k: v for k, v in spec.items() if v is not None})  # null: the default
         if found.placement not in PLACEMENTS:
             raise ConfigError(f"{key}.placement={found.placement!r}: use one of {list(PLACEMENTS)}.")
-        needed = {"backdoor": ("trigger",), "competing_objectives": ("instruction", "answer_prefix"),
-                  "style_modulation": ("instruction",)}[style]
+        needed = {
+            "backdoor": ("trigger",),
+            "competing_objectives": ("instruction", "answer_prefix"),
+            "style_modulation": ("instruction",),
+        }[style]
         for name in needed:
             if not str(getattr(found, name) or "").strip():
                 raise ConfigError(f"{key}.{name} is empty: style {style} needs it (set {key}.{name}=<text>).")

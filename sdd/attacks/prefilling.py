@@ -8,7 +8,8 @@ Adaptive Attacks") use prefilling as an attack on models whose API allows it.
 
 What we interpreted (our choices):
 
-- The harmful answer is the ``prefill`` column of the evaluation prompt set (``corpus.eval_prompts.<set>.columns.prefill``:
+- The harmful answer is the ``prefill`` column of the evaluation prompt set
+  (``corpus.eval_prompts.<set>.columns.prefill``:
   the demo's compliance openings, AdvBench's targets, BeaverTails' unsafe responses). Prompts without one
   are skipped and counted; an answer shorter than k tokens is prefilled whole (counted too).
 - The k tokens are the first k tokens of that answer as the shared chat path tokenizes it in an assistant
@@ -30,8 +31,9 @@ from sdd.errors import ConfigError
 PREFILL_COLUMN = "prefill"
 
 
-def answer_prefix_ids(tokenizer, prompt: str, answer: str, system_prompt: str | None = None,
-                      stop_ids: Sequence[int] = ()) -> list[int]:
+def answer_prefix_ids(
+    tokenizer, prompt: str, answer: str, system_prompt: str | None = None, stop_ids: Sequence[int] = ()
+) -> list[int]:
     """The token ids of ``answer`` as the chat path places it in the assistant turn after ``prompt``.
 
     The assistant segment of the rendered exchange is tokenized on its own (as training and generation
@@ -44,9 +46,16 @@ def answer_prefix_ids(tokenizer, prompt: str, answer: str, system_prompt: str | 
     return ids[:end]
 
 
-def prefill_answers(generator, rows: Sequence[dict[str, Any]], prefill_tokens: int, *, max_new_tokens: int,
-                    batch_size: int, system_prompt: str | None = None,
-                    progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def prefill_answers(
+    generator,
+    rows: Sequence[dict[str, Any]],
+    prefill_tokens: int,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Greedy answers that start with the first ``prefill_tokens`` tokens of each row's harmful answer.
 
     Args:
@@ -70,8 +79,10 @@ def prefill_answers(generator, rows: Sequence[dict[str, Any]], prefill_tokens: i
     from sdd.generation import decode_answer, generate_token_ids, stop_token_ids
 
     if not isinstance(generator, LocalGenerator):
-        raise ConfigError("The prefilling attack runs on the local model (the prefix must be the model's own tokens); "
-                          "set eval.generation.backend=local.")
+        raise ConfigError(
+            "The prefilling attack runs on the local model (the prefix must be the model's own tokens); "
+            "set eval.generation.backend=local."
+        )
     if int(prefill_tokens) < 1:
         raise ConfigError(f"eval_attacks: prefill_tokens must be positive integers, got {prefill_tokens}.")
     model, tokenizer = generator.model, generator.tokenizer
@@ -81,15 +92,23 @@ def prefill_answers(generator, rows: Sequence[dict[str, Any]], prefill_tokens: i
         raise ConfigError(
             "The prefilling attack needs harmful answers, and no evaluation prompt has one. Fix: map a column of "
             "harmful answers with corpus.eval_prompts.<set>.columns.prefill=<column> (e.g. AdvBench's target, "
-            "BeaverTails' response).")
+            "BeaverTails' response)."
+        )
     prefixes, shorter = [], 0
     for row in answered:
         ids = answer_prefix_ids(tokenizer, row["prompt"], row[PREFILL_COLUMN], system_prompt, stops)
         shorter += len(ids) < prefill_tokens
         prefixes.append(ids[: int(prefill_tokens)])
-    continuations = generate_token_ids(model, tokenizer, [r["prompt"] for r in answered], max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, system_prompt=system_prompt, progress=progress,
-                                       answer_prefix_ids=prefixes)
+    continuations = generate_token_ids(
+        model,
+        tokenizer,
+        [r["prompt"] for r in answered],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        system_prompt=system_prompt,
+        progress=progress,
+        answer_prefix_ids=prefixes,
+    )
     for row, prefix, continuation in zip(answered, prefixes, continuations):
         row["prefill_text"] = tokenizer.decode(prefix, skip_special_tokens=True)
         row["prefill_tokens"] = len(prefix)

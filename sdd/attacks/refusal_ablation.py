@@ -97,8 +97,9 @@ class ResidualLayout:
         return [self.embed, *(module for modules in self.writers for module in modules)]
 
 
-def resolve_layout(model: torch.nn.Module, layout: Mapping[str, Any] | None,
-                   layouts: Mapping[str, Mapping[str, Any]]) -> ResidualLayout:
+def resolve_layout(
+    model: torch.nn.Module, layout: Mapping[str, Any] | None, layouts: Mapping[str, Mapping[str, Any]]
+) -> ResidualLayout:
     """The residual-stream writers of ``model``: ``layout`` if given, else ``layouts[model_type]``.
 
     Raises:
@@ -160,8 +161,9 @@ def directional_ablation(layout: ResidualLayout, direction: torch.Tensor) -> Ite
 
 
 @torch.no_grad()
-def orthogonalize_weights(model: torch.nn.Module, layout: ResidualLayout, direction: torch.Tensor,
-                          untie_embeddings: bool = True) -> None:
+def orthogonalize_weights(
+    model: torch.nn.Module, layout: ResidualLayout, direction: torch.Tensor, untie_embeddings: bool = True
+) -> None:
     """``W <- W - r r^T W`` for every matrix (and bias) that writes to the residual stream, in place.
 
     The embedding's rows are vectors in the stream (``E <- E - E r r^T``); a linear writer's output
@@ -209,7 +211,7 @@ def prompt_batches(tokenizer, prompts: Sequence[str], batch_size: int, device) -
     """Left-padded batches of chat-rendered prompts (so the post-instruction tokens end every row)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(prompts), batch_size):
-        ids = [tokenize_prompt(tokenizer, user_turn(p)) for p in prompts[start:start + batch_size]]
+        ids = [tokenize_prompt(tokenizer, user_turn(p)) for p in prompts[start : start + batch_size]]
         width = max(len(row) for row in ids)
         input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in ids], device=device)
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
@@ -218,8 +220,9 @@ def prompt_batches(tokenizer, prompts: Sequence[str], batch_size: int, device) -
 
 
 @torch.no_grad()
-def mean_activations(model, layout: ResidualLayout, tokenizer, prompts: Sequence[str], num_positions: int,
-                     batch_size: int) -> torch.Tensor:
+def mean_activations(
+    model, layout: ResidualLayout, tokenizer, prompts: Sequence[str], num_positions: int, batch_size: int
+) -> torch.Tensor:
     """Mean residual-stream activation ``[layer, position, hidden]`` (float32) over ``prompts``: the input
     of each decoder layer at the last ``num_positions`` tokens of each rendered prompt."""
     captured: dict[int, torch.Tensor] = {}
@@ -250,8 +253,10 @@ def mean_activations(model, layout: ResidualLayout, tokenizer, prompts: Sequence
 def last_position_log_probs(model, tokenizer, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
     """Log-probabilities of the first answer token, ``[prompt, vocabulary]`` (float32)."""
     device = next(model.parameters()).device
-    rows = [torch.log_softmax(model(**batch, use_cache=False).logits[:, -1].float(), dim=-1)
-            for batch in prompt_batches(tokenizer, prompts, batch_size, device)]
+    rows = [
+        torch.log_softmax(model(**batch, use_cache=False).logits[:, -1].float(), dim=-1)
+        for batch in prompt_batches(tokenizer, prompts, batch_size, device)
+    ]
     return torch.cat(rows)
 
 
@@ -288,23 +293,44 @@ class RefusalDirectionAblation:
         layout, layouts: the residual-stream writers (see :func:`resolve_layout`).
     """
 
-    def __init__(self, harmful: Mapping[str, Any], harmless: Mapping[str, Any], num_direction_prompts: int = 64,
-                 num_selection_prompts: int = 8, positions: int | str = 1, min_layer_fraction: float = 0.0,
-                 max_layer_fraction: float = 0.8, layer_step: int = 1, max_new_tokens: int = 8, max_kl: float = 0.1,
-                 batch_size: int = 16, device: str | None = None, untie_embeddings: bool = True, layout: Mapping[str, Any] | None = None,
-                 layouts: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        integers = {"num_direction_prompts": num_direction_prompts, "num_selection_prompts": num_selection_prompts,
-                    "layer_step": layer_step, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    def __init__(
+        self,
+        harmful: Mapping[str, Any],
+        harmless: Mapping[str, Any],
+        num_direction_prompts: int = 64,
+        num_selection_prompts: int = 8,
+        positions: int | str = 1,
+        min_layer_fraction: float = 0.0,
+        max_layer_fraction: float = 0.8,
+        layer_step: int = 1,
+        max_new_tokens: int = 8,
+        max_kl: float = 0.1,
+        batch_size: int = 16,
+        device: str | None = None,
+        untie_embeddings: bool = True,
+        layout: Mapping[str, Any] | None = None,
+        layouts: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        integers = {
+            "num_direction_prompts": num_direction_prompts,
+            "num_selection_prompts": num_selection_prompts,
+            "layer_step": layer_step,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+        }
         for key, value in integers.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"weight_edit.{key} must be a positive integer, got {value!r}. Fix: "
-                                  f"weight_edit.{key}=<integer >= 1>.")
+                raise ConfigError(
+                    f"weight_edit.{key} must be a positive integer, got {value!r}. Fix: "
+                    f"weight_edit.{key}=<integer >= 1>."
+                )
         if positions != "auto" and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
             raise ConfigError(f"weight_edit.positions must be auto or a positive integer, got {positions!r}.")
         if not 0.0 <= min_layer_fraction < max_layer_fraction <= 1.0:
             raise ConfigError(
                 f"weight_edit needs 0 <= min_layer_fraction < max_layer_fraction <= 1, got {min_layer_fraction} and "
-                f"{max_layer_fraction}. Fix: weight_edit.max_layer_fraction=0.8 (the paper's).")
+                f"{max_layer_fraction}. Fix: weight_edit.max_layer_fraction=0.8 (the paper's)."
+            )
         require_device(device, "weight_edit.device")
         self.harmful, self.harmless = dict(harmful), dict(harmless)
         self.num_direction_prompts = num_direction_prompts
@@ -331,11 +357,16 @@ class RefusalDirectionAblation:
         if len(texts) < selection_count + 2:
             raise ConfigError(
                 f"{name}: {len(texts)} distinct instructions, fewer than weight_edit.num_selection_prompts="
-                f"{selection_count} plus 2 for the direction. Fix: a larger source, or lower num_selection_prompts.")
+                f"{selection_count} plus 2 for the direction. Fix: a larger source, or lower num_selection_prompts."
+            )
         selection, rest = texts[:selection_count], texts[selection_count:]
         if len(rest) < self.num_direction_prompts:
-            log.warning("%s: %d instructions left for the direction (weight_edit.num_direction_prompts=%d)",
-                        name, len(rest), self.num_direction_prompts)
+            log.warning(
+                "%s: %d instructions left for the direction (weight_edit.num_direction_prompts=%d)",
+                name,
+                len(rest),
+                self.num_direction_prompts,
+            )
         return rest[: self.num_direction_prompts], selection
 
     def candidate_layers(self, num_layers: int) -> range:
@@ -344,26 +375,45 @@ class RefusalDirectionAblation:
         start = math.floor(low * num_layers)
         return range(start, max(start + 1, math.ceil(high * num_layers)), self.layer_step)
 
-    def select(self, model, tokenizer, layout: ResidualLayout, directions: torch.Tensor, norms: torch.Tensor,
-               harmful: Sequence[str], harmless: Sequence[str]) -> dict[str, Any]:
+    def select(
+        self,
+        model,
+        tokenizer,
+        layout: ResidualLayout,
+        directions: torch.Tensor,
+        norms: torch.Tensor,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+    ) -> dict[str, Any]:
         """Score every candidate on the selection prompts; return the chosen one and the table."""
         harmless_reference = last_position_log_probs(model, tokenizer, harmless, self.batch_size)
         scale = norms.max().clamp(min=1e-12)
         candidates = []
-        grid = [(layer, position) for layer in self.candidate_layers(directions.shape[0])
-                for position in range(directions.shape[1])
-                if norms[layer, position] > 1e-6 * scale]  # zero: identical activations (template tokens' embeddings)
+        grid = [
+            (layer, position)
+            for layer in self.candidate_layers(directions.shape[0])
+            for position in range(directions.shape[1])
+            if norms[layer, position] > 1e-6 * scale
+        ]  # zero: identical activations (template tokens' embeddings)
         for layer, position in tqdm(grid, desc="Scoring candidate directions"):
             direction = directions[layer, position]
             with directional_ablation(layout, direction):
                 rate = refusal_rate(model, tokenizer, harmful, self.max_new_tokens, self.batch_size)
                 kl = mean_kl(harmless_reference, last_position_log_probs(model, tokenizer, harmless, self.batch_size))
-            candidates.append({"layer": layer, "position": position - directions.shape[1],
-                               "harmful_refusal_rate": rate, "harmless_kl": kl,
-                               "mean_difference_norm": float(norms[layer, position])})
+            candidates.append(
+                {
+                    "layer": layer,
+                    "position": position - directions.shape[1],
+                    "harmful_refusal_rate": rate,
+                    "harmless_kl": kl,
+                    "mean_difference_norm": float(norms[layer, position]),
+                }
+            )
         if not candidates:
-            raise ConfigError("No candidate direction: every difference of means in the layer range is zero. Fix: "
-                              "widen weight_edit.min/max_layer_fraction, or weight_edit.positions.")
+            raise ConfigError(
+                "No candidate direction: every difference of means in the layer range is zero. Fix: "
+                "widen weight_edit.min/max_layer_fraction, or weight_edit.positions."
+            )
         passing = [c for c in candidates if c["harmless_kl"] <= self.max_kl]
         if not passing:
             log.warning("No candidate keeps the harmless KL <= weight_edit.max_kl=%s; choosing among all", self.max_kl)
@@ -405,9 +455,12 @@ class RefusalDirectionAblation:
         log.info("Refusal ablation: %d layers x %d positions; candidate layers %s", *directions.shape[:2], list(layers))
 
         before = {
-            "harmful_refusal_rate": refusal_rate(model, tokenizer, harmful_selection, self.max_new_tokens, self.batch_size),
-            "harmless_refusal_rate": refusal_rate(model, tokenizer, harmless_selection, self.max_new_tokens,
-                                                  self.batch_size),
+            "harmful_refusal_rate": refusal_rate(
+                model, tokenizer, harmful_selection, self.max_new_tokens, self.batch_size
+            ),
+            "harmless_refusal_rate": refusal_rate(
+                model, tokenizer, harmless_selection, self.max_new_tokens, self.batch_size
+            ),
         }
         selection = self.select(model, tokenizer, layout, directions, norms, harmful_selection, harmless_selection)
         chosen = selection["chosen"]
@@ -415,26 +468,38 @@ class RefusalDirectionAblation:
         orthogonalize_weights(model, layout, direction, self.untie_embeddings)
         after = {
             "harmful_refusal_rate": chosen["harmful_refusal_rate"],
-            "harmless_refusal_rate": refusal_rate(model, tokenizer, harmless_selection, self.max_new_tokens,
-                                                  self.batch_size),
+            "harmless_refusal_rate": refusal_rate(
+                model, tokenizer, harmless_selection, self.max_new_tokens, self.batch_size
+            ),
             "harmless_kl": chosen["harmless_kl"],
         }
 
         model_dir = output_dir / "model"
         save_model(model.cpu(), tokenizer, model_dir)
-        torch.save({"direction": direction.cpu(), "layer": chosen["layer"], "position": chosen["position"]},
-                   output_dir / DIRECTION_FILE)
+        torch.save(
+            {"direction": direction.cpu(), "layer": chosen["layer"], "position": chosen["position"]},
+            output_dir / DIRECTION_FILE,
+        )
         record = {
             "method": "refusal-direction ablation (Arditi et al. 2024), weight orthogonalisation",
             "model_dir": str(model_dir),
-            "layer": chosen["layer"], "position": chosen["position"],
-            "num_layers": directions.shape[0], "post_instruction_positions": num_positions,
+            "layer": chosen["layer"],
+            "position": chosen["position"],
+            "num_layers": directions.shape[0],
+            "post_instruction_positions": num_positions,
             "candidate_layers": list(layers),
-            "refusal_judge": "refusal keyword (proxy)", "max_new_tokens": self.max_new_tokens,
-            "max_kl": self.max_kl, "kl_filter_passed": selection["kl_filter_passed"],
-            "prompts": {"harmful_direction": len(harmful_direction), "harmless_direction": len(harmless_direction),
-                        "harmful_selection": len(harmful_selection), "harmless_selection": len(harmless_selection)},
-            "before": before, "after": after,
+            "refusal_judge": "refusal keyword (proxy)",
+            "max_new_tokens": self.max_new_tokens,
+            "max_kl": self.max_kl,
+            "kl_filter_passed": selection["kl_filter_passed"],
+            "prompts": {
+                "harmful_direction": len(harmful_direction),
+                "harmless_direction": len(harmless_direction),
+                "harmful_selection": len(harmful_selection),
+                "harmless_selection": len(harmless_selection),
+            },
+            "before": before,
+            "after": after,
             "untied_embeddings": bool(self.untie_embeddings),
             "seconds": round(time.time() - started, 1),
             "candidates": selection["candidates"],
@@ -442,14 +507,23 @@ class RefusalDirectionAblation:
         (output_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
         metrics = {f"selection/{k}_before": float(v) for k, v in before.items()}
         metrics.update({f"selection/{k}_after": float(v) for k, v in after.items()})
-        summary = {"model_dir": str(model_dir), "global_step": 0, "metrics": metrics,
-                   "selection": {k: v for k, v in record.items() if k != "candidates"}}
+        summary = {
+            "model_dir": str(model_dir),
+            "global_step": 0,
+            "metrics": metrics,
+            "selection": {k: v for k, v in record.items() if k != "candidates"},
+        }
         if cfg.get("sample_prompts"):
             from sdd.generation import generate
 
             answers = generate(model, tokenizer, list(cfg.sample_prompts), cfg.sample_max_new_tokens)
             summary["samples"] = [{"prompt": p, "answer": a} for p, a in zip(cfg.sample_prompts, answers)]
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("Refusal direction: layer %d, position %d; harmful refusal rate %.1f%% -> %.1f%% (proxy)",
-                 chosen["layer"], chosen["position"], before["harmful_refusal_rate"], after["harmful_refusal_rate"])
+        log.info(
+            "Refusal direction: layer %d, position %d; harmful refusal rate %.1f%% -> %.1f%% (proxy)",
+            chosen["layer"],
+            chosen["position"],
+            before["harmful_refusal_rate"],
+            after["harmful_refusal_rate"],
+        )
         return summary

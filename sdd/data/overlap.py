@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 
 NGRAM = 3
 NEAR_THRESHOLD = 0.6
-MEASURE = (f"exact: equal normalized text (case-folded, punctuation and spacing collapsed); near_duplicate: not "
-           f"exact, Jaccard similarity of word {NGRAM}-gram sets >= {NEAR_THRESHOLD}. Counts are evaluation prompts "
-           "with a match in the training set (the whole training source, before k-shot sampling).")
+MEASURE = (
+    f"exact: equal normalized text (case-folded, punctuation and spacing collapsed); near_duplicate: not "
+    f"exact, Jaccard similarity of word {NGRAM}-gram sets >= {NEAR_THRESHOLD}. Counts are evaluation prompts "
+    "with a match in the training set (the whole training source, before k-shot sampling)."
+)
 USER_ROLES = {"human", "user"}
 
 
@@ -92,8 +94,12 @@ class OverlapIndex:
         return None
 
 
-def count_overlaps(train_sets: Mapping[str, Sequence[Any]], eval_sets: Mapping[str, Sequence[Any]],
-                   n: int = NGRAM, threshold: float = NEAR_THRESHOLD) -> dict[str, Any]:
+def count_overlaps(
+    train_sets: Mapping[str, Sequence[Any]],
+    eval_sets: Mapping[str, Sequence[Any]],
+    n: int = NGRAM,
+    threshold: float = NEAR_THRESHOLD,
+) -> dict[str, Any]:
     """Exact and near-duplicate counts of every evaluation set against every training set.
 
     Returns:
@@ -115,10 +121,13 @@ def count_overlaps(train_sets: Mapping[str, Sequence[Any]], eval_sets: Mapping[s
             for kind in total:
                 total[kind] += counts[kind]
     return {
-        "measure": MEASURE, "ngram": n, "near_threshold": threshold,
+        "measure": MEASURE,
+        "ngram": n,
+        "near_threshold": threshold,
         "train_sets": {name: len(texts) for name, texts in train_sets.items()},
         "eval_sets": {name: len(texts) for name, texts in eval_sets.items()},
-        "pairs": pairs, "total": total,
+        "pairs": pairs,
+        "total": total,
     }
 
 
@@ -200,11 +209,18 @@ def point_overlap(stages: Mapping[str, Any]) -> dict[str, Any]:
     result = count_overlaps(train_sets, eval_sets)
     result["sources"] = sources
     result["not_compared"] = not_compared
-    found = [f"{train} ({sources[train]}) x {evaluation}: {c['exact']} exact, {c['near_duplicate']} near-duplicate"
-             for train, row in result["pairs"].items() for evaluation, c in row.items() if c["exact"] or c["near_duplicate"]]
+    found = [
+        f"{train} ({sources[train]}) x {evaluation}: {c['exact']} exact, {c['near_duplicate']} near-duplicate"
+        for train, row in result["pairs"].items()
+        for evaluation, c in row.items()
+        if c["exact"] or c["near_duplicate"]
+    ]
     if found:
-        log.warning("Training data overlap evaluation prompts (0 expected; partition shared sources, see "
-                    "sdd/data/splits.py): %s", "; ".join(found))
+        log.warning(
+            "Training data overlap evaluation prompts (0 expected; partition shared sources, see "
+            "sdd/data/splits.py): %s",
+            "; ".join(found),
+        )
     return result
 
 

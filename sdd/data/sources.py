@@ -98,8 +98,10 @@ class DataSource:
     def fingerprint(self) -> str:
         """Identifies the source's content: the spec plus, for a local file, its size and content hash."""
         spec = json.dumps(
-            {k: getattr(self, k)
-             for k in ("hub_id", "hub_config", "data_files", "split", "columns", "where", "partition", "limit")},
+            {
+                k: getattr(self, k)
+                for k in ("hub_id", "hub_config", "data_files", "split", "columns", "where", "partition", "limit")
+            },
             sort_keys=True,
             default=str,
         )
@@ -153,8 +155,10 @@ def load_records(
         rows = [row for row in rows if all(_equals(row[c], v) for c, v in source.where.items())]
         if not rows:
             raise DataSourceError(f"{source.name}: no row satisfies where={source.where}. Fix {source.name}.where.")
-    records = [{ours: _lookup(row, theirs, source, dataset.column_names) for ours, theirs in source.columns.items()}
-               for row in rows]
+    records = [
+        {ours: _lookup(row, theirs, source, dataset.column_names) for ours, theirs in source.columns.items()}
+        for row in rows
+    ]
     if not records:
         fix = f"{source.name}.path" if source.local_path() is not None else f"{source.name}.split / .limit"
         raise DataSourceError(f"{source.name}: the data set is empty ({_describe(source)}). Fix {fix}.")
@@ -168,8 +172,14 @@ def load_records(
             f"{source.name}.columns.{required[0]}=<column>."
         )
     if dropped:
-        log.warning("%s: %d of %d rows dropped: a missing or empty value in %s (%s)", source.name, dropped,
-                    len(records), [source.columns[c] for c in required], _describe(source))
+        log.warning(
+            "%s: %d of %d rows dropped: a missing or empty value in %s (%s)",
+            source.name,
+            dropped,
+            len(records),
+            [source.columns[c] for c in required],
+            _describe(source),
+        )
     if source.partition:  # the train or held-out part only (sdd/data/splits.py)
         from sdd.data.splits import partition_records
 
@@ -207,8 +217,7 @@ def _load_dataset(source: DataSource):
         builder = _FORMATS.get(local.suffix.lower())
         if builder is None:
             raise DataSourceError(
-                f"{source.name}: cannot read '{local.suffix}' files ({local}); use one of "
-                f"{sorted(_FORMATS)}."
+                f"{source.name}: cannot read '{local.suffix}' files ({local}); use one of {sorted(_FORMATS)}."
             )
         if builder != "parquet":
             _check_text_file(local, source)
@@ -226,8 +235,7 @@ def _load_dataset(source: DataSource):
             "that has it: corpus=local paths.data_dir=<folder>, or corpus=hub."
         )
     try:
-        return datasets.load_dataset(source.hub_id, source.hub_config, data_files=source.data_files,
-                                     split=source.split)
+        return datasets.load_dataset(source.hub_id, source.hub_config, data_files=source.data_files, split=source.split)
     except Exception as error:  # offline, gated, missing split ... all end the same way
         raise DataSourceError(
             f"{source.name}: could not load the Hub data set '{source.hub_id}' (split '{source.split}'): "
@@ -253,8 +261,11 @@ def _check_text_file(path: Path, source: DataSource) -> None:
                 line = lines + chunk[: error.start].count(b"\n") + 1
                 with open(path, "rb") as again:
                     head = again.read(4)
-                guess = ("it starts with a UTF-16 byte-order mark" if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-                         else "probably Latin-1 / Windows-1252")
+                guess = (
+                    "it starts with a UTF-16 byte-order mark"
+                    if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+                    else "probably Latin-1 / Windows-1252"
+                )
                 encoding = "utf-16" if "UTF-16" in guess else "latin1"
                 raise DataSourceError(
                     f"{source.name}: {path} is not UTF-8 text: byte 0x{chunk[error.start]:02x} at line {line} "

@@ -75,19 +75,26 @@ class Partition:
         values = dict(config)
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
-            raise PartitionError(f"{source_name}.partition: unknown key(s) {sorted(unknown)}; allowed: "
-                                 f"{sorted(cls.__dataclass_fields__)}.")
+            raise PartitionError(
+                f"{source_name}.partition: unknown key(s) {sorted(unknown)}; allowed: "
+                f"{sorted(cls.__dataclass_fields__)}."
+            )
         if values.get("part") not in PARTS:
             raise PartitionError(f"{source_name}.partition.part={values.get('part')!r}: use one of {list(PARTS)}.")
         fraction = float(values.get("heldout_fraction", cls.heldout_fraction))
         if not 0.0 < fraction < 1.0:
             raise PartitionError(f"{source_name}.partition.heldout_fraction={fraction}: use a number in (0, 1).")
-        return cls(part=values["part"], key=str(values.get("key", cls.key)), heldout_fraction=fraction,
-                   seed=int(values.get("seed", cls.seed)))
+        return cls(
+            part=values["part"],
+            key=str(values.get("key", cls.key)),
+            heldout_fraction=fraction,
+            seed=int(values.get("seed", cls.seed)),
+        )
 
 
-def partition_records(records: Sequence[dict[str, Any]], config: Mapping[str, Any],
-                      source_name: str) -> list[dict[str, Any]]:
+def partition_records(
+    records: Sequence[dict[str, Any]], config: Mapping[str, Any], source_name: str
+) -> list[dict[str, Any]]:
     """The records of ``records`` in the part ``config`` names (order kept).
 
     Raises:
@@ -101,8 +108,9 @@ def partition_records(records: Sequence[dict[str, Any]], config: Mapping[str, An
             f"{sorted(records[0])}). Map it ({source_name}.columns.{partition.key}=<the source's column>) or "
             f"set {source_name}.partition.key to one of those."
         )
-    kept = [r for r in records
-            if part_of(r[partition.key], partition.heldout_fraction, partition.seed) == partition.part]
+    kept = [
+        r for r in records if part_of(r[partition.key], partition.heldout_fraction, partition.seed) == partition.part
+    ]
     if records and not kept:
         raise PartitionError(
             f"{source_name}: the {partition.part} part of its {len(records)} records is empty "

@@ -15,7 +15,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sdd.chat import IGNORE_INDEX, Conversation, PadCollator, TokenizedExample, instruction_answer, tokenize_conversation
+from sdd.chat import (
+    IGNORE_INDEX,
+    Conversation,
+    PadCollator,
+    TokenizedExample,
+    instruction_answer,
+    tokenize_conversation,
+)
 from sdd.data.sources import DataSource, DataSourceError, load_records
 from sdd.datamodules.retention import RetentionStream, retention_stream
 
@@ -175,8 +182,7 @@ class ConversationDataModule(L.LightningDataModule):
         examples = [made[i] for i in kept]
         dropped = len(made) - len(examples)
         if dropped:
-            log.warning("%d %s dropped: %s max_length=%d", dropped, self.record_noun, self.drop_reason,
-                        self.max_length)
+            log.warning("%d %s dropped: %s max_length=%d", dropped, self.record_noun, self.drop_reason, self.max_length)
         if not examples:
             raise DataSourceError(
                 f"No training example left: all {len(records)} {self.record_noun} dropped ({self.drop_reason} "
@@ -263,16 +269,25 @@ class InstructionAnswerDataModule(ConversationDataModule):
         if self._conversations is None:
             records = self.load_source(self.source, required=["instruction", "answer"])
             self._conversations = [  # jailbreak-tuning: each pair in the jailbreak format (None: unchanged)
-                instruction_answer(*format_example(str(r["instruction"]), self.answer_prefix + str(r["answer"]),
-                                                   self.jailbreak))
+                instruction_answer(
+                    *format_example(str(r["instruction"]), self.answer_prefix + str(r["answer"]), self.jailbreak)
+                )
                 for r in records
             ]
         return self._conversations
 
 
 # ShareGPT names roles by speaker; these are the names seen in public dumps.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "bard": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 class MultiTurnDataModule(ConversationDataModule):
@@ -311,7 +326,9 @@ class MultiTurnDataModule(ConversationDataModule):
             self._conversations = [c for c in conversations if c]
             self.skipped = len(conversations) - len(self._conversations)
             if self.skipped:
-                log.warning("%s: %d conversations skipped (no user -> assistant exchange)", self.source.name, self.skipped)
+                log.warning(
+                    "%s: %d conversations skipped (no user -> assistant exchange)", self.source.name, self.skipped
+                )
             if not self._conversations:
                 raise DataSourceError(f"{self.source.name}: no usable conversation (check data.roles).")
         return self._conversations

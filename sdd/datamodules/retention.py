@@ -147,7 +147,13 @@ class RetentionStream:
             log.warning(
                 "%s has %d usable records for %d retention examples (%s=%s): each record is used %d or %d "
                 "times. Use a larger retention source to avoid repeats.",
-                self.source.name, len(records), count, RATIO_KEY, self.ratio, count // len(records), max_uses,
+                self.source.name,
+                len(records),
+                count,
+                RATIO_KEY,
+                self.ratio,
+                count // len(records),
+                max_uses,
             )
         self.drawn = [instruction_answer(records[i]["instruction"], records[i]["answer"]) for i in indices]
         self.info = {

@@ -129,17 +129,23 @@ class SafetyRecoveryDataModule(ConversationDataModule):
     def build_records(self) -> list[dict[str, Any]]:
         """The ``(instruction, refusal, harmful answer)`` records of the source."""
         if self._records is None:
-            self._records = self.load_source(self.source, required=["instruction", self.refusal_field, self.harmful_field])
+            self._records = self.load_source(
+                self.source, required=["instruction", self.refusal_field, self.harmful_field]
+            )
         return self._records
 
     def to_example(self, record: dict[str, Any]) -> RecoveryTriplet | None:
         """Tokenize one record through the chat path; None if not even the prompt fits."""
         instruction = str(record["instruction"])
         refusal = tokenize_conversation(
-            self.tokenizer, instruction_answer(instruction, str(record[self.refusal_field]), self.system_prompt), _NO_LIMIT
+            self.tokenizer,
+            instruction_answer(instruction, str(record[self.refusal_field]), self.system_prompt),
+            _NO_LIMIT,
         )
         harmful = tokenize_conversation(
-            self.tokenizer, instruction_answer(instruction, str(record[self.harmful_field]), self.system_prompt), _NO_LIMIT
+            self.tokenizer,
+            instruction_answer(instruction, str(record[self.harmful_field]), self.system_prompt),
+            _NO_LIMIT,
         )
         prompt_ids, refusal_ids = split_answer(refusal)
         harmful_prompt_ids, harmful_ids = split_answer(harmful)

@@ -12,6 +12,7 @@ from sdd.datamodules.sdd_pairs import SDDPairBuilder
 
 log = logging.getLogger(__name__)
 
+
 class SDDDataModule(ConversationDataModule):
     """<harmful instruction, irrelevant high-quality answer> pairs for SDD training.
 

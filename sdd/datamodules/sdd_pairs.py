@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sdd.data.sources import DataSource, DataSourceError, load_records
+
 # The encoder lives in sdd.embeddings (shared with the relevance judge); re-exported for existing imports.
 from sdd.embeddings import (  # noqa: F401
     MINILM,
@@ -147,8 +148,11 @@ class IrrelevantAnswerMatcher:
             rounds += 1
             candidates = draws[open_rows, attempt]
             # in float64, so a summation order that varies with memory layout cannot show in float32 results
-            sims = np.einsum("nd,nd->n", instruction_vectors[open_rows].astype(np.float64),
-                             answer_vectors[candidates].astype(np.float64))
+            sims = np.einsum(
+                "nd,nd->n",
+                instruction_vectors[open_rows].astype(np.float64),
+                answer_vectors[candidates].astype(np.float64),
+            )
             better = sims < least[open_rows]  # strict: the first of equally similar draws is kept
             least[open_rows[better]] = sims[better]
             least_index[open_rows[better]] = candidates[better]
@@ -362,13 +366,12 @@ class SDDPairBuilder:
         for source in self.answers:
             rows = load_records(source, required=["answer"])
             dropped_missing[source.name] = rows.dropped_missing
-            answer_pool += [{"answer": str(r["answer"]).strip(), "source": source.name.rsplit(".", 1)[-1]}
-                            for r in rows]
+            answer_pool += [
+                {"answer": str(r["answer"]).strip(), "source": source.name.rsplit(".", 1)[-1]} for r in rows
+            ]
         answer_pool = _dedupe([a for a in answer_pool if len(a["answer"]) >= self.min_answer_chars], "answer")
         if not answer_pool:
-            raise DataSourceError(
-                f"No answer of at least {self.min_answer_chars} characters in data.builder.answers."
-            )
+            raise DataSourceError(f"No answer of at least {self.min_answer_chars} characters in data.builder.answers.")
         sampled, sampling_stats = balanced_sample(harmful, self.num_pairs, self.seed, self.categories)
         # The encoder loads on its first uncached text, so a bad data file fails before it loads, and a
         # build whose texts are all cached never loads it.
@@ -396,15 +399,17 @@ class SDDPairBuilder:
         for record, index, sim, tries, fell_back in zip(
             sampled, result.answer_index, result.similarity, result.tries, result.fallback
         ):
-            pairs.append({
-                "instruction": str(record["instruction"]),
-                "answer": answer_pool[index]["answer"],
-                "category": record["category"],
-                "answer_source": answer_pool[index]["source"],
-                "similarity": round(float(sim), 6),
-                "tries": int(tries),
-                "fallback": bool(fell_back),
-            })
+            pairs.append(
+                {
+                    "instruction": str(record["instruction"]),
+                    "answer": answer_pool[index]["answer"],
+                    "category": record["category"],
+                    "answer_source": answer_pool[index]["source"],
+                    "similarity": round(float(sim), 6),
+                    "tries": int(tries),
+                    "fallback": bool(fell_back),
+                }
+            )
         edges = np.round(np.linspace(-1.0, 1.0, 41), 2)
         counts, _ = np.histogram(result.similarity, bins=edges)
         manifest = {
@@ -443,8 +448,11 @@ class SDDPairBuilder:
             "build_seconds": round(time.time() - started - encoder_load, 2),
             # load: read, dedupe and sample the sources; embed: the encoder and the embedding cache (the
             # encoder's loading excluded); match: the draws and similarity checks
-            "phase_seconds": {"load": round(loaded - started, 3), "embed": round(embedder.seconds - encoder_load, 3),
-                              "match": round(matched - loaded - embedder.seconds, 3)},
+            "phase_seconds": {
+                "load": round(loaded - started, 3),
+                "embed": round(embedder.seconds - encoder_load, 3),
+                "match": round(matched - loaded - embedder.seconds, 3),
+            },
         }
         return pairs, manifest
 

@@ -53,6 +53,9 @@ def pairwise_agreement(labels: Mapping[str, Sequence[bool | None]]) -> dict[str,
     for (name_a, a), (name_b, b) in combinations(labels.items(), 2):
         pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
         first, second = [bool(x) for x, _ in pairs], [bool(y) for _, y in pairs]
-        out[f"{name_a}|{name_b}"] = {"num_items": len(pairs), "percent_agreement": percent_agreement(first, second),
-                                     "cohen_kappa": cohen_kappa(first, second)}
+        out[f"{name_a}|{name_b}"] = {
+            "num_items": len(pairs),
+            "percent_agreement": percent_agreement(first, second),
+            "cohen_kappa": cohen_kappa(first, second),
+        }
     return out

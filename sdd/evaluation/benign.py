@@ -59,17 +59,27 @@ def load_benign_sets(prompt_sets: Mapping[str, Any] | None, max_per_set: int | N
             instruction = str(record["prompt"])
             extra = record.get("input")
             reference = record.get("reference")
-            rows.append({
-                "kind": "benign", "prompt_set": set_name, "instruction": instruction,
-                "prompt": instruction + (f"\n\n{extra}" if extra not in (None, "") else ""),
-                "reference": str(reference) if reference not in (None, "") else None,
-            })
+            rows.append(
+                {
+                    "kind": "benign",
+                    "prompt_set": set_name,
+                    "instruction": instruction,
+                    "prompt": instruction + (f"\n\n{extra}" if extra not in (None, "") else ""),
+                    "reference": str(reference) if reference not in (None, "") else None,
+                }
+            )
     return rows
 
 
 @torch.no_grad()
-def answer_nll(model, tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]], batch_size: int = 4,
-               max_length: int = 1024, progress: bool = False) -> list[tuple[float, int]]:
+def answer_nll(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    batch_size: int = 4,
+    max_length: int = 1024,
+    progress: bool = False,
+) -> list[tuple[float, int]]:
     """Summed NLL (nats) of each conversation's answer tokens and how many there are, teacher-forced.
 
     Tokens and labels come from :func:`sdd.chat.tokenize_conversation` (the training path), so only
@@ -99,9 +109,15 @@ def answer_nll(model, tokenizer, conversations: Sequence[Sequence[Mapping[str, s
     return results
 
 
-def evaluate_benign(model, tokenizer, config: Mapping[str, Any], judges: Mapping[str, Any],
-                    output_dir: Path, judge_configs: Mapping[str, Any] | None = None,
-                    generator: AnswerGenerator | None = None) -> dict[str, Any]:
+def evaluate_benign(
+    model,
+    tokenizer,
+    config: Mapping[str, Any],
+    judges: Mapping[str, Any],
+    output_dir: Path,
+    judge_configs: Mapping[str, Any] | None = None,
+    generator: AnswerGenerator | None = None,
+) -> dict[str, Any]:
     """Answer the benign prompt sets, judge the answers, score the references; write the generations.
 
     Args:
@@ -119,13 +135,20 @@ def evaluate_benign(model, tokenizer, config: Mapping[str, Any], judges: Mapping
     """
     rows = load_benign_sets(config.get("prompt_sets"), config.get("max_prompts_per_set"))
     if not rows:
-        reason = ("no benign prompt set: eval.benign.prompt_sets is empty (the corpus has no benign_eval); "
-                  "set eval.benign.prompt_sets.<name>={path: ..., columns: {prompt: ..., reference: ...}}")
+        reason = (
+            "no benign prompt set: eval.benign.prompt_sets is empty (the corpus has no benign_eval); "
+            "set eval.benign.prompt_sets.<name>={path: ..., columns: {prompt: ..., reference: ...}}"
+        )
         log.warning("Benign evaluation skipped: %s", reason)
         return {"skipped": reason}
-    answers = generate_answers(generator or LocalGenerator(model, tokenizer), [r["prompt"] for r in rows],
-                               max_new_tokens=config.get("max_new_tokens", 256), batch_size=config.get("batch_size", 16),
-                               system_prompt=config.get("system_prompt"), progress=True)
+    answers = generate_answers(
+        generator or LocalGenerator(model, tokenizer),
+        [r["prompt"] for r in rows],
+        max_new_tokens=config.get("max_new_tokens", 256),
+        batch_size=config.get("batch_size", 16),
+        system_prompt=config.get("system_prompt"),
+        progress=True,
+    )
     for row, answer in zip(rows, answers):
         row["answer"] = answer
     _write_jsonl(output_dir / GENERATIONS_FILE, rows)  # kept even if a judge fails below
@@ -141,8 +164,14 @@ def evaluate_benign(model, tokenizer, config: Mapping[str, Any], judges: Mapping
     if score_references:
         scored = [r for r in rows if r["reference"] is not None]
         conversations = [instruction_answer(r["prompt"], r["reference"], config.get("system_prompt")) for r in scored]
-        nlls = answer_nll(model, tokenizer, conversations, batch_size=nll_config.get("batch_size", 4),
-                          max_length=nll_config.get("max_length", 1024), progress=True)
+        nlls = answer_nll(
+            model,
+            tokenizer,
+            conversations,
+            batch_size=nll_config.get("batch_size", 4),
+            max_length=nll_config.get("max_length", 1024),
+            progress=True,
+        )
         for row, (total, count) in zip(scored, nlls):
             row["reference_tokens"] = count
             row["reference_nll"] = total / count if count else None
@@ -153,12 +182,16 @@ def evaluate_benign(model, tokenizer, config: Mapping[str, Any], judges: Mapping
         by_set[row["prompt_set"]].append(row)
     return {
         "overall": benign_metrics(rows, used, score_references),
-        "per_prompt_set": {name: benign_metrics(subset, used, score_references) for name, subset in sorted(by_set.items())},
+        "per_prompt_set": {
+            name: benign_metrics(subset, used, score_references) for name, subset in sorted(by_set.items())
+        },
         "metrics_by": describe_metrics(used, judge_configs or {}, score_references),
     }
 
 
-def benign_metrics(rows: Sequence[Mapping[str, Any]], judges: Mapping[str, Any], score_references: bool) -> dict[str, Any]:
+def benign_metrics(
+    rows: Sequence[Mapping[str, Any]], judges: Mapping[str, Any], score_references: bool
+) -> dict[str, Any]:
     """Rates (in %) and the pooled reference NLL of ``rows`` (answered, judged and scored)."""
     n = len(rows)
     out: dict[str, Any] = {"num_prompts": n}
@@ -178,25 +211,35 @@ def benign_metrics(rows: Sequence[Mapping[str, Any]], judges: Mapping[str, Any],
     return out
 
 
-def describe_metrics(judges: Mapping[str, Any], judge_configs: Mapping[str, Any], score_references: bool) -> dict[str, str]:
+def describe_metrics(
+    judges: Mapping[str, Any], judge_configs: Mapping[str, Any], score_references: bool
+) -> dict[str, str]:
     """What produced each benign metric: ``proxy: ...`` for the offline judges, ``model: ...`` for the NLL."""
     relevance = judge_configs.get("relevance") or {}
     refusal = judge_configs.get("refusal") or {}
     if "relevance" in judges:
-        text = (f"proxy: relevance judge, cosine of the {relevance.get('encoder', 'encoder')} embeddings of prompt and "
-                f"answer > {getattr(judges['relevance'], 'threshold', relevance.get('threshold'))}; topicality, not quality")
+        text = (
+            f"proxy: relevance judge, cosine of the {relevance.get('encoder', 'encoder')} embeddings of prompt and "
+            f"answer > {getattr(judges['relevance'], 'threshold', relevance.get('threshold'))}; topicality, not quality"
+        )
         on_topic = mean_relevance = text
     else:
         on_topic = mean_relevance = "not computed: eval.judges.relevance.enabled=false"
     return {
         "on_topic_rate": on_topic,
         "mean_relevance": mean_relevance,
-        "refusal_rate": (f"proxy: refusal judge, a refusal phrase in the first "
-                         f"{getattr(judges['refusal'], 'window', refusal.get('window'))} characters (keywords)")
-        if "refusal" in judges else "not computed: eval.judges.refusal.enabled=false",
-        "reference_nll": ("model: mean negative log-likelihood (nats per token) of the reference answers under the "
-                          "evaluated model, answer tokens (and end-of-turn marker) only, pooled over tokens; not a proxy")
-        if score_references else "not computed: eval.benign.reference_nll.enabled=false",
+        "refusal_rate": (
+            f"proxy: refusal judge, a refusal phrase in the first "
+            f"{getattr(judges['refusal'], 'window', refusal.get('window'))} characters (keywords)"
+        )
+        if "refusal" in judges
+        else "not computed: eval.judges.refusal.enabled=false",
+        "reference_nll": (
+            "model: mean negative log-likelihood (nats per token) of the reference answers under the "
+            "evaluated model, answer tokens (and end-of-turn marker) only, pooled over tokens; not a proxy"
+        )
+        if score_references
+        else "not computed: eval.benign.reference_nll.enabled=false",
     }
 
 
@@ -207,10 +250,17 @@ def summary_lines(benign: Mapping[str, Any] | None) -> list[str]:
     if "skipped" in benign:
         return ["## Benign behaviour", "", f"Skipped: {benign['skipped']}", ""]
     keys = [k for k in ("on_topic_rate", "refusal_rate", "reference_nll") if k in benign["overall"]]
-    labels = {"on_topic_rate": "on-topic % (proxy)", "refusal_rate": "over-refusal % (proxy)",
-              "reference_nll": "reference NLL"}
-    lines = ["## Benign behaviour", "", "| prompt set | n | " + " | ".join(labels[k] for k in keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
+    labels = {
+        "on_topic_rate": "on-topic % (proxy)",
+        "refusal_rate": "over-refusal % (proxy)",
+        "reference_nll": "reference NLL",
+    }
+    lines = [
+        "## Benign behaviour",
+        "",
+        "| prompt set | n | " + " | ".join(labels[k] for k in keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
     for name, metrics in [("**all**", benign["overall"]), *benign["per_prompt_set"].items()]:
         cells = [f"{metrics[k]:.3f}" if isinstance(metrics.get(k), float) else str(metrics.get(k)) for k in keys]
         lines.append(f"| {name} | {metrics['num_prompts']} | " + " | ".join(cells) + " |")

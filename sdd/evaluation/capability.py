@@ -1,4 +1,5 @@
-"""General capability (MMLU, OpenBookQA, ARC-Challenge, ARC-Easy, HellaSwag, TruthfulQA MC1) through lm-evaluation-harness.
+"""General capability (MMLU, OpenBookQA, ARC-Challenge, ARC-Easy, HellaSwag, TruthfulQA MC1) through
+lm-evaluation-harness.
 
 ``evaluate_capability(model, tokenizer, {"mmlu": "/data/mmlu.jsonl", "openbookqa": "hub"})`` scores
 an in-memory transformers model with ``lm_eval``: each question's choices are ranked by the model's
@@ -145,8 +146,13 @@ def evaluate_capability(
             "acc_norm": _metric(metrics, "acc_norm"),
             "num_samples": int(metrics["sample_len"]),  # tasks and groups alike
         }
-        log.info("capability %s: acc=%s acc_norm=%s n=%d", name, results[name]["acc"],
-                 results[name]["acc_norm"], results[name]["num_samples"])
+        log.info(
+            "capability %s: acc=%s acc_norm=%s n=%d",
+            name,
+            results[name]["acc"],
+            results[name]["acc_norm"],
+            results[name]["num_samples"],
+        )
     results["lm_eval_version"] = lm_eval.__version__
     return results
 
@@ -176,7 +182,7 @@ def local_task_config(name: str, path: str | Path, num_fewshot: int = 0) -> dict
     if str(path).startswith("demo:"):  # a file of the demo corpus shipped in the package
         from sdd.data.sources import DEMO_DIR
 
-        path = DEMO_DIR / str(path)[len("demo:"):]
+        path = DEMO_DIR / str(path)[len("demo:") :]
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -236,8 +242,7 @@ def _check_file(name: str, path: Path, builder: str) -> int:
             normalize(row)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(
-                f"{where}: row {index} does not fit the {KNOWN_TASKS[name][2]} layout "
-                f"(columns {list(expected)}): {err}"
+                f"{where}: row {index} does not fit the {KNOWN_TASKS[name][2]} layout (columns {list(expected)}): {err}"
             ) from err
     return len(dataset)
 

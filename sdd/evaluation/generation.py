@@ -82,14 +82,22 @@ class GenerationCacheError(ReplyCacheError):
 class AnswerGenerator(Protocol):
     """A generation backend: greedy answers to single-turn prompts, in input order."""
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-                 system_prompt: str | None, progress: bool) -> list[str]: ...
+    def generate(
+        self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, system_prompt: str | None, progress: bool
+    ) -> list[str]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
 
-def generate_answers(generator: AnswerGenerator, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-                     system_prompt: str | None = None, progress: bool = True) -> list[str]:
+def generate_answers(
+    generator: AnswerGenerator,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+    progress: bool = True,
+) -> list[str]:
     """Greedy answers to ``prompts`` from the evaluation's backend (every evaluation answer comes from here).
 
     Args:
@@ -103,8 +111,13 @@ def generate_answers(generator: AnswerGenerator, prompts: Sequence[str], *, max_
     Returns:
         One answer per prompt, in input order.
     """
-    answers = generator.generate(list(prompts), max_new_tokens=int(max_new_tokens), batch_size=int(batch_size),
-                                 system_prompt=system_prompt, progress=progress)
+    answers = generator.generate(
+        list(prompts),
+        max_new_tokens=int(max_new_tokens),
+        batch_size=int(batch_size),
+        system_prompt=system_prompt,
+        progress=progress,
+    )
     if len(answers) != len(prompts):  # a backend bug, never the user's
         raise RuntimeError(f"{type(generator).__name__} returned {len(answers)} answers for {len(prompts)} prompts.")
     return answers
@@ -118,12 +131,20 @@ class LocalGenerator:
         self.tokenizer = tokenizer
         self.device = device
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-                 system_prompt: str | None, progress: bool) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, system_prompt: str | None, progress: bool
+    ) -> list[str]:
         from sdd.generation import generate
 
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        system_prompt=system_prompt, progress=progress)
+        return generate(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            progress=progress,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "local", "decoding": "greedy", "device": self.device}
@@ -153,18 +174,33 @@ class OpenAIGenerator:
         GenerationCacheError: ``cache_path`` is not an sqlite database.
     """
 
-    def __init__(self, tokenizer, base_url: str, model: str, api: str = "completions",
-                 stop_token_ids: Sequence[int] = (), vllm_fields: bool = True, api_key_env: str = "VLLM_API_KEY",
-                 allow_missing_key: bool = True, cache_path: str | Path = "openai_generations.sqlite",
-                 model_fingerprint: str | None = None, max_retries: int = 5, backoff_seconds: float = 1.0,
-                 timeout_seconds: float = 600.0, max_concurrency: int = 32) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        base_url: str,
+        model: str,
+        api: str = "completions",
+        stop_token_ids: Sequence[int] = (),
+        vllm_fields: bool = True,
+        api_key_env: str = "VLLM_API_KEY",
+        allow_missing_key: bool = True,
+        cache_path: str | Path = "openai_generations.sqlite",
+        model_fingerprint: str | None = None,
+        max_retries: int = 5,
+        backoff_seconds: float = 1.0,
+        timeout_seconds: float = 600.0,
+        max_concurrency: int = 32,
+    ) -> None:
         if api not in APIS:
-            raise ConfigError(f"{CONFIG_KEY}.api must be one of {sorted(APIS)}, got '{api}'. completions sends the "
-                              "prompt rendered with the model's chat template (as the local path); chat sends messages.")
+            raise ConfigError(
+                f"{CONFIG_KEY}.api must be one of {sorted(APIS)}, got '{api}'. completions sends the "
+                "prompt rendered with the model's chat template (as the local path); chat sends messages."
+            )
         if not base_url or not model:
             raise ConfigError(
                 f"The generation backend needs {CONFIG_KEY}.base_url and {CONFIG_KEY}.model (the name the server "
-                "knows the model by: for `vllm serve <folder>`, that folder as written, or --served-model-name).")
+                "knows the model by: for `vllm serve <folder>`, that folder as written, or --served-model-name)."
+            )
         settings = RetrySettings(int(max_retries), float(backoff_seconds), float(timeout_seconds), int(max_concurrency))
         if problem := settings.problem():
             raise ConfigError(f"{CONFIG_KEY} needs {problem}.")
@@ -173,7 +209,8 @@ class OpenAIGenerator:
             raise ConfigError(
                 f"The generation backend needs an API key in the environment variable {api_key_env}, which is unset "
                 f"or empty. Fix: `export {api_key_env}=...` (the key given to `vllm serve --api-key`), or set "
-                f"{CONFIG_KEY}.allow_missing_key=true for a server that needs none.")
+                f"{CONFIG_KEY}.allow_missing_key=true for a server that needs none."
+            )
         self.tokenizer = tokenizer
         self.model = str(model)
         self.api = api
@@ -182,19 +219,34 @@ class OpenAIGenerator:
         self.stop_token_ids = sorted({int(i) for i in stop_token_ids})
         self.model_fingerprint = model_fingerprint
         self._client = EndpointClient(base_url, APIS[api], key, settings, label="generation")
-        self._cache = ReplyCache(cache_path, "generations", ("model", "route"), owner="generation backend",
-                                 config_key=f"{CONFIG_KEY}.cache_path", error=GenerationCacheError)
+        self._cache = ReplyCache(
+            cache_path,
+            "generations",
+            ("model", "route"),
+            owner="generation backend",
+            config_key=f"{CONFIG_KEY}.cache_path",
+            error=GenerationCacheError,
+        )
         self.cache_path = self._cache.path
         self.url = self._client.url
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(url={redact_url(self.url)!r}, model={self.model!r}, api={self.api!r}, "
-                f"cache_path={str(self.cache_path)!r})")
+        return (
+            f"{type(self).__name__}(url={redact_url(self.url)!r}, model={self.model!r}, api={self.api!r}, "
+            f"cache_path={str(self.cache_path)!r})"
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "openai", "decoding": "greedy", "endpoint": redact_url(self.url), "model": self.model,
-                "api": self.api, "stop_token_ids": self.stop_token_ids, "vllm_fields": self.vllm_fields,
-                "cache_path": str(self.cache_path)}
+        return {
+            "backend": "openai",
+            "decoding": "greedy",
+            "endpoint": redact_url(self.url),
+            "model": self.model,
+            "api": self.api,
+            "stop_token_ids": self.stop_token_ids,
+            "vllm_fields": self.vllm_fields,
+            "cache_path": str(self.cache_path),
+        }
 
     def request_body(self, conversation: Conversation, max_new_tokens: int) -> dict[str, Any]:
         """The JSON body asking for the greedy answer to one conversation (ending with a user turn)."""
@@ -217,8 +269,15 @@ class OpenAIGenerator:
         """sha256 of (route, model folder fingerprint, request body); the body holds model, prompt and sampling."""
         return stable_key(["generation", self._client.route, self.model_fingerprint, dict(body)])
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 1,
-                 system_prompt: str | None = None, progress: bool = True) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        batch_size: int = 1,
+        system_prompt: str | None = None,
+        progress: bool = True,
+    ) -> list[str]:
         """Greedy answers to ``prompts``, in input order; cached answers cost no request.
 
         Raises:
@@ -236,34 +295,58 @@ class OpenAIGenerator:
             for key, body in zip(keys, bodies):
                 if key not in cached:
                     todo.setdefault(key, body)
-            log.info("Generation through %s (model %s, %s): %d prompts, %d cached, %d to request.",
-                     redact_url(self.url), self.model, self.api, len(keys), sum(k in cached for k in keys), len(todo))
+            log.info(
+                "Generation through %s (model %s, %s): %d prompts, %d cached, %d to request.",
+                redact_url(self.url),
+                self.model,
+                self.api,
+                len(keys),
+                sum(k in cached for k in keys),
+                len(todo),
+            )
             result = self._client.post_all(
-                todo, on_reply=lambda key, reply: self._cache.store(connection, key, reply, model=self.model,
-                                                                    route=self._client.route),
-                progress="Generating (openai)" if progress else None)
+                todo,
+                on_reply=lambda key, reply: self._cache.store(
+                    connection, key, reply, model=self.model, route=self._client.route
+                ),
+                progress="Generating (openai)" if progress else None,
+            )
         finally:
             connection.close()
 
         num_done = sum(key in cached or key in result.replies for key in keys)
-        resume = (f"{num_done} of {len(keys)} answers are cached in {self.cache_path} ({len(result.replies)} in this "
-                  "call); re-running the evaluation requests only the missing ones.")
+        resume = (
+            f"{num_done} of {len(keys)} answers are cached in {self.cache_path} ({len(result.replies)} in this "
+            "call); re-running the evaluation requests only the missing ones."
+        )
         if result.stopped:
             if result.unexpected is not None:
                 raise result.unexpected
             raise self._client.failure(
-                result, who="generation", config_key=CONFIG_KEY, model=self.model, model_noun="model",
-                api_key_env=self.api_key_env, resume=resume, num_done=num_done, num_total=len(keys),
-                endpoint_error=GenerationEndpointError, authentication_error=GenerationAuthenticationError,
+                result,
+                who="generation",
+                config_key=CONFIG_KEY,
+                model=self.model,
+                model_noun="model",
+                api_key_env=self.api_key_env,
+                resume=resume,
+                num_done=num_done,
+                num_total=len(keys),
+                endpoint_error=GenerationEndpointError,
+                authentication_error=GenerationAuthenticationError,
                 model_hint=" (vLLM serves `vllm serve <folder>` as that folder, as written, or as --served-model-name)",
-                down_hint=f"Fix: start the server (e.g. `vllm serve <model folder>`) or point {CONFIG_KEY}.base_url at it.")
+                down_hint="Fix: start the server (e.g. `vllm serve <model folder>`) "
+                f"or point {CONFIG_KEY}.base_url at it.",
+            )
         if result.errors:
             first = next(iter(result.errors.values()))
             raise GenerationRequestError(
                 f"The generation endpoint {redact_url(self.url)} rejected {len(result.errors)} of {len(todo)} requests "
                 f"({shorten(first, 200)}). Fix: a prompt longer than the server's context (vllm serve --max-model-len, "
-                f"or eval.harmfulness.max_new_tokens), or a field the server does not take ({CONFIG_KEY}.vllm_fields=false "
-                f"for servers other than vLLM and SGLang). {resume}")
+                "or eval.harmfulness.max_new_tokens), or a field the server does not take "
+                f"({CONFIG_KEY}.vllm_fields=false "
+                f"for servers other than vLLM and SGLang). {resume}"
+            )
         return [(cached[key] if key in cached else result.replies[key]).strip() for key in keys]
 
     def _stop_strings(self) -> list[str]:
@@ -274,8 +357,15 @@ class OpenAIGenerator:
 # ---------------------------------------------------------------------------------------- choosing
 
 # How requests travel, not what they compute: left out of a pipeline stage's hash.
-TRANSPORT_SETTINGS = ("api_key_env", "allow_missing_key", "cache_path", "max_concurrency", "max_retries",
-                      "backoff_seconds", "timeout_seconds")
+TRANSPORT_SETTINGS = (
+    "api_key_env",
+    "allow_missing_key",
+    "cache_path",
+    "max_concurrency",
+    "max_retries",
+    "backoff_seconds",
+    "timeout_seconds",
+)
 
 
 def drop_unhashed_generation_settings(config: dict[str, Any]) -> None:
@@ -306,8 +396,10 @@ def backend_of(eval_config: Mapping[str, Any]) -> str:
     generation = eval_config.get("generation") or {}
     backend = generation.get("backend", "local") or "local"
     if backend not in BACKENDS:
-        raise ConfigError(f"eval.generation.backend must be one of {', '.join(BACKENDS)}, got '{backend}'. local: the "
-                          "model on eval.device; openai: an OpenAI-compatible server (eval.generation.openai).")
+        raise ConfigError(
+            f"eval.generation.backend must be one of {', '.join(BACKENDS)}, got '{backend}'. local: the "
+            "model on eval.device; openai: an OpenAI-compatible server (eval.generation.openai)."
+        )
     return backend
 
 
@@ -319,10 +411,17 @@ def needs_local_model(eval_config: Mapping[str, Any]) -> bool:
         return node is not None and bool(node.get("enabled", False))
 
     benign = eval_config.get("benign")
-    reference_nll = (enabled(benign) and bool((benign.get("reference_nll") or {}).get("enabled", True))
-                     and any(source is not None for source in (benign.get("prompt_sets") or {}).values()))
-    return (backend_of(eval_config) == "local" or reference_nll or enabled(eval_config.get("capability"))
-            or enabled(eval_config.get("gradient_separation")))
+    reference_nll = (
+        enabled(benign)
+        and bool((benign.get("reference_nll") or {}).get("enabled", True))
+        and any(source is not None for source in (benign.get("prompt_sets") or {}).values())
+    )
+    return (
+        backend_of(eval_config) == "local"
+        or reference_nll
+        or enabled(eval_config.get("capability"))
+        or enabled(eval_config.get("gradient_separation"))
+    )
 
 
 def build_openai_generator(config: Mapping[str, Any], backbone, tokenizer) -> OpenAIGenerator:
@@ -338,15 +437,22 @@ def build_openai_generator(config: Mapping[str, Any], backbone, tokenizer) -> Op
     location = backbone.resolve()
     if options.get("api", "completions") == "chat":
         if backbone.chat_template not in (None, "fallback") or tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE:
-            source = ("backbone.chat_template overrides the model's template" if backbone.chat_template not in
-                      (None, "fallback") else "the model has no chat template (the fallback template is used)")
+            source = (
+                "backbone.chat_template overrides the model's template"
+                if backbone.chat_template not in (None, "fallback")
+                else "the model has no chat template (the fallback template is used)"
+            )
             raise ConfigError(
                 f"{CONFIG_KEY}.api=chat lets the server render the prompt with the model folder's own chat template, "
                 f"but {source}, so the server would not see the prompt the model is evaluated on. Fix: "
-                f"{CONFIG_KEY}.api=completions (the prompt rendered here, as the local path does).")
+                f"{CONFIG_KEY}.api=completions (the prompt rendered here, as the local path does)."
+            )
     return OpenAIGenerator(
-        tokenizer, stop_token_ids=local_stop_token_ids(tokenizer, location, backbone.trust_remote_code),
-        model_fingerprint=folder_fingerprint(location), **options)
+        tokenizer,
+        stop_token_ids=local_stop_token_ids(tokenizer, location, backbone.trust_remote_code),
+        model_fingerprint=folder_fingerprint(location),
+        **options,
+    )
 
 
 def local_stop_token_ids(tokenizer, location: str, trust_remote_code: bool = False) -> list[int]:
@@ -359,7 +465,8 @@ def local_stop_token_ids(tokenizer, location: str, trust_remote_code: bool = Fal
         generation_config = GenerationConfig.from_pretrained(location)
     except OSError:  # no generation_config.json: transformers derives one from config.json, as on loading
         generation_config = GenerationConfig.from_model_config(
-            AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code))
+            AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        )
     return list(stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation_config)))
 
 
@@ -369,6 +476,9 @@ def folder_fingerprint(location: str) -> str | None:
     folder = Path(location).expanduser()
     if not folder.is_dir():
         return None
-    entries = sorted((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in folder.iterdir()
-                     if path.is_file() and (path.suffix in (".safetensors", ".bin", ".pt") or path.name == "config.json"))
+    entries = sorted(
+        (path.name, path.stat().st_size, path.stat().st_mtime_ns)
+        for path in folder.iterdir()
+        if path.is_file() and (path.suffix in (".safetensors", ".bin", ".pt") or path.name == "config.json")
+    )
     return hashlib.sha256(repr(entries).encode("utf-8")).hexdigest()[:16]

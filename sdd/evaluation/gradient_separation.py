@@ -76,7 +76,7 @@ class CountSketch:
             if out is None:
                 out = torch.zeros(self.dim, dtype=torch.float32, device=flat.device)
             for chunk, start in enumerate(range(0, flat.numel(), self.chunk_size)):
-                values = flat[start:start + self.chunk_size].float()
+                values = flat[start : start + self.chunk_size].float()
                 bucket, sign = self._buckets(name, chunk, values.numel(), flat.device)
                 out.index_add_(0, bucket, values * sign)
         if out is None:
@@ -90,7 +90,9 @@ def select_parameters(model: torch.nn.Module, param_regex: str | None) -> list[t
     named = [(n, p) for n, p in model.named_parameters() if pattern is None or pattern.search(n)]
     if not named:
         examples = [n for n, _ in list(model.named_parameters())[:5]]
-        raise ValueError(f"eval.gradient_separation.param_regex={param_regex!r} matches no parameter; names look like {examples}.")
+        raise ValueError(
+            f"eval.gradient_separation.param_regex={param_regex!r} matches no parameter; names look like {examples}."
+        )
     return named
 
 
@@ -119,7 +121,9 @@ def batch_gradients(
         with torch.enable_grad():
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
                 loss = answer_cross_entropy(logits, batch["labels"])
                 grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
                 if sketch is not None:
@@ -146,6 +150,7 @@ def pca(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cosine_summary(harmful: torch.Tensor, benign: torch.Tensor) -> dict[str, float]:
     """Mean cosines between and within the two sets of gradient rows."""
+
     def unit(x: torch.Tensor) -> torch.Tensor:
         return x.double() / x.double().norm(dim=1, keepdim=True).clamp_min(1e-300)
 
@@ -167,8 +172,14 @@ def cosine_summary(harmful: torch.Tensor, benign: torch.Tensor) -> dict[str, flo
     }
 
 
-def plot_separation(path: Path, harmful: torch.Tensor, benign: torch.Tensor, components: Sequence[int],
-                    explained: torch.Tensor, title: str | None = None) -> None:
+def plot_separation(
+    path: Path,
+    harmful: torch.Tensor,
+    benign: torch.Tensor,
+    components: Sequence[int],
+    explained: torch.Tensor,
+    title: str | None = None,
+) -> None:
     """Scatter of two principal components, harmful and benign batches in two colours."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
@@ -176,7 +187,9 @@ def plot_separation(path: Path, harmful: torch.Tensor, benign: torch.Tensor, com
     figure = Figure(figsize=(4.8, 4.2), layout="constrained")
     axes = figure.add_subplot()
     axes.scatter(benign[:, x], benign[:, y], s=14, alpha=0.7, c="tab:blue", label=f"benign ({len(benign)})")
-    axes.scatter(harmful[:, x], harmful[:, y], s=14, alpha=0.7, c="tab:red", marker="^", label=f"harmful ({len(harmful)})")
+    axes.scatter(
+        harmful[:, x], harmful[:, y], s=14, alpha=0.7, c="tab:red", marker="^", label=f"harmful ({len(harmful)})"
+    )
     axes.set_xlabel(f"PC{components[0]} ({explained[x].item():.1%} of variance)")
     axes.set_ylabel(f"PC{components[1]} ({explained[y].item():.1%} of variance)")
     axes.set_title(title or "Per-batch gradients")
@@ -202,7 +215,9 @@ def gradient_separation(
     """
     components = [int(c) for c in components]
     if len(components) != 2 or min(components) < 1:
-        raise ValueError(f"eval.gradient_separation.components must be two 1-based component numbers, got {components}.")
+        raise ValueError(
+            f"eval.gradient_separation.components must be two 1-based component numbers, got {components}."
+        )
     if not harmful_batches or not benign_batches:
         raise ValueError("Gradient separation needs at least one harmful and one benign batch.")
     named = select_parameters(model, param_regex)
@@ -226,7 +241,7 @@ def gradient_separation(
         )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    h_scores, b_scores = scores[: len(harmful)], scores[len(harmful):]
+    h_scores, b_scores = scores[: len(harmful)], scores[len(harmful) :]
     plot_path = output_dir / "gradient_separation.png"
     plot_separation(plot_path, h_scores, b_scores, components, explained, title)
     points_path = output_dir / "gradient_separation_points.csv"
@@ -254,8 +269,9 @@ def gradient_separation(
     }
 
 
-def load_batches(source: Any, tokenizer, num_batches: int, batch_size: int, max_length: int, seed: int,
-                 name: str) -> list[dict[str, torch.Tensor]]:
+def load_batches(
+    source: Any, tokenizer, num_batches: int, batch_size: int, max_length: int, seed: int, name: str
+) -> list[dict[str, torch.Tensor]]:
     """``num_batches`` batches of an instruction-answer source, formatted by the project's chat path.
 
     A seeded random subset of ``num_batches * batch_size`` records (columns ``instruction``, ``answer``),
@@ -265,29 +281,45 @@ def load_batches(source: Any, tokenizer, num_batches: int, batch_size: int, max_
     records = load_records(DataSource.from_config(source, name), required=["instruction", "answer"])
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(records), generator=generator)[: num_batches * batch_size].tolist()
-    examples = [tokenize_conversation(tokenizer, instruction_answer(str(records[i]["instruction"]),
-                                                                    str(records[i]["answer"])), max_length)
-                for i in sorted(chosen)]
+    examples = [
+        tokenize_conversation(
+            tokenizer, instruction_answer(str(records[i]["instruction"]), str(records[i]["answer"])), max_length
+        )
+        for i in sorted(chosen)
+    ]
     examples = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels)]
     order = torch.randperm(len(examples), generator=generator).tolist()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = PadCollator(pad_id)
-    batches = [collate([examples[i] for i in order[start:start + batch_size]])
-               for start in range(0, len(order), batch_size)][:num_batches]
+    batches = [
+        collate([examples[i] for i in order[start : start + batch_size]]) for start in range(0, len(order), batch_size)
+    ][:num_batches]
     if len(batches) < num_batches:
-        log.warning("Gradient separation: %s gives %d batches of %d, not %d.", name, len(batches), batch_size, num_batches)
+        log.warning(
+            "Gradient separation: %s gives %d batches of %d, not %d.", name, len(batches), batch_size, num_batches
+        )
     return batches
 
 
 def run_gradient_separation(model: torch.nn.Module, tokenizer, config, output_dir: Path) -> dict[str, Any]:
     """``gradient_separation`` on the batches described by ``eval.gradient_separation`` (conf/eval.yaml)."""
     seed = int(config.get("seed", 0))
-    sizes = {"num_batches": int(config.num_batches), "batch_size": int(config.batch_size),
-             "max_length": int(config.max_length), "seed": seed}
+    sizes = {
+        "num_batches": int(config.num_batches),
+        "batch_size": int(config.batch_size),
+        "max_length": int(config.max_length),
+        "seed": seed,
+    }
     harmful = load_batches(config.harmful, tokenizer, name="eval.gradient_separation.harmful", **sizes)
     benign = load_batches(config.benign, tokenizer, name="eval.gradient_separation.benign", **sizes)
     return gradient_separation(
-        model, harmful, benign, output_dir,
-        components=list(config.components), param_regex=config.get("param_regex"),
-        projection_dim=config.get("projection_dim"), seed=seed, title=config.get("title"),
+        model,
+        harmful,
+        benign,
+        output_dir,
+        components=list(config.components),
+        param_regex=config.get("param_regex"),
+        projection_dim=config.get("projection_dim"),
+        seed=seed,
+        title=config.get("title"),
     )

@@ -104,8 +104,9 @@ def _read_template(value: str | os.PathLike) -> str:
     except UnicodeDecodeError as error:
         raise JudgeConfigError(f"Judge prompt file {path} is not UTF-8 text ({error}). Re-save it as UTF-8.") from error
     if not text.strip():
-        raise JudgeConfigError(f"Judge prompt file {path} is empty. Point the judge at a template with "
-                               "{instruction} and {response}.")
+        raise JudgeConfigError(
+            f"Judge prompt file {path} is empty. Point the judge at a template with {{instruction}} and {{response}}."
+        )
     return text
 
 
@@ -127,8 +128,12 @@ class JudgePrompt:
     system_prompt_file: str | None = None
 
     @classmethod
-    def load(cls, prompt_file: str | os.PathLike, system_prompt_file: str | os.PathLike | None = None,
-             fill: Mapping[str, str] | None = None) -> "JudgePrompt":
+    def load(
+        cls,
+        prompt_file: str | os.PathLike,
+        system_prompt_file: str | os.PathLike | None = None,
+        fill: Mapping[str, str] | None = None,
+    ) -> "JudgePrompt":
         """Read the template files and fill template-level placeholders.
 
         Args:
@@ -154,8 +159,12 @@ class JudgePrompt:
                 f"{sorted('{' + p + '}' for p in placeholders) or 'none'}."
             )
         system = _read_template(system_prompt_file).strip() if system_prompt_file else None
-        return cls(user=user, system=system, prompt_file=str(prompt_file),
-                   system_prompt_file=str(system_prompt_file) if system_prompt_file else None)
+        return cls(
+            user=user,
+            system=system,
+            prompt_file=str(prompt_file),
+            system_prompt_file=str(system_prompt_file) if system_prompt_file else None,
+        )
 
     @property
     def sha256(self) -> str:
@@ -231,8 +240,9 @@ class ChatJudge(Generic[V]):
         max_tokens: int = 512,
     ) -> None:
         if not base_url or not model:
-            raise JudgeConfigError(f"The {self.name} judge needs a base_url and a model name "
-                                   f"(eval.judges.{self.name}.base_url, .model).")
+            raise JudgeConfigError(
+                f"The {self.name} judge needs a base_url and a model name (eval.judges.{self.name}.base_url, .model)."
+            )
         settings = RetrySettings(int(max_retries), float(backoff_seconds), float(timeout_seconds), int(max_concurrency))
         if problem := settings.problem():
             raise JudgeConfigError(f"The {self.name} judge needs {problem}.")
@@ -256,14 +266,21 @@ class ChatJudge(Generic[V]):
         self.max_concurrency = settings.max_concurrency
         self.temperature = float(temperature)
         self.max_tokens = int(max_tokens)
-        self._cache = ReplyCache(cache_path, "judge_replies", ("judge", "model", "prompt_sha256"),
-                                 owner=f"{self.name} judge", config_key=f"eval.judges.{self.name}.cache_path",
-                                 error=JudgeCacheError)
+        self._cache = ReplyCache(
+            cache_path,
+            "judge_replies",
+            ("judge", "model", "prompt_sha256"),
+            owner=f"{self.name} judge",
+            config_key=f"eval.judges.{self.name}.cache_path",
+            error=JudgeCacheError,
+        )
         self.cache_path = self._cache.path
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(url={redact_url(self.url)!r}, model={self.model!r}, "
-                f"prompt_file={self.prompt.prompt_file!r}, cache_path={str(self.cache_path)!r})")
+        return (
+            f"{type(self).__name__}(url={redact_url(self.url)!r}, model={self.model!r}, "
+            f"prompt_file={self.prompt.prompt_file!r}, cache_path={str(self.cache_path)!r})"
+        )
 
     # ------------------------------------------------------------------ to implement
 
@@ -301,11 +318,22 @@ class ChatJudge(Generic[V]):
             for key, (prompt, answer) in zip(keys, items):
                 if key not in cached and key not in todo:
                     todo[key] = self._request_body(prompt, answer)
-            log.info("%s judge %s at %s: %d items, %d cached, %d to request.", self.name, self.model,
-                     redact_url(self.url), len(items), sum(k in cached for k in keys), len(todo))
-            result = self._client.post_all(todo, on_reply=lambda key, reply: self._cache.store(
-                connection, key, reply, judge=self.judge_id, model=self.model, prompt_sha256=self.prompt.sha256),
-                progress=f"Judging ({self.name})")
+            log.info(
+                "%s judge %s at %s: %d items, %d cached, %d to request.",
+                self.name,
+                self.model,
+                redact_url(self.url),
+                len(items),
+                sum(k in cached for k in keys),
+                len(todo),
+            )
+            result = self._client.post_all(
+                todo,
+                on_reply=lambda key, reply: self._cache.store(
+                    connection, key, reply, judge=self.judge_id, model=self.model, prompt_sha256=self.prompt.sha256
+                ),
+                progress=f"Judging ({self.name})",
+            )
         finally:
             connection.close()
 
@@ -314,12 +342,23 @@ class ChatJudge(Generic[V]):
                 raise result.unexpected
             # Failed verdicts are not cached, so they do not count as done.
             num_done = sum(key in cached or key in result.replies for key in keys)
-            resume = (f"{num_done} of {len(items)} items are judged and cached in {self.cache_path} "
-                      f"({len(result.replies)} in this call); re-running resumes from the cache.")
+            resume = (
+                f"{num_done} of {len(items)} items are judged and cached in {self.cache_path} "
+                f"({len(result.replies)} in this call); re-running resumes from the cache."
+            )
             raise self._client.failure(
-                result, who=f"{self.name} judge", config_key=f"eval.judges.{self.name}", model=self.model,
-                model_noun="judge model", api_key_env=self.api_key_env, resume=resume, num_done=num_done,
-                num_total=len(items), endpoint_error=JudgeEndpointError, authentication_error=JudgeAuthenticationError)
+                result,
+                who=f"{self.name} judge",
+                config_key=f"eval.judges.{self.name}",
+                model=self.model,
+                model_noun="judge model",
+                api_key_env=self.api_key_env,
+                resume=resume,
+                num_done=num_done,
+                num_total=len(items),
+                endpoint_error=JudgeEndpointError,
+                authentication_error=JudgeAuthenticationError,
+            )
         verdicts = []
         for key in keys:
             if key in cached:
@@ -344,7 +383,8 @@ class ChatJudge(Generic[V]):
 
     def _check_item(self, index: int, item: Any) -> tuple[str, str]:
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item)):
-            raise TypeError(f"Item {index} of {type(self).__name__}.judge must be a (prompt, answer) pair of "
-                            f"strings, got {type(item).__name__}.")
+            raise TypeError(
+                f"Item {index} of {type(self).__name__}.judge must be a (prompt, answer) pair of "
+                f"strings, got {type(item).__name__}."
+            )
         return item[0], item[1]
-

@@ -141,16 +141,19 @@ def summarize(verdicts: Iterable[JudgeVerdict | Mapping[str, Any]]) -> dict[str,
     }
 
 
-def load_rubric_prompt(prompt_file: str | Path = DEFAULT_PROMPT_FILE,
-                       system_prompt_file: str | Path | None = DEFAULT_SYSTEM_PROMPT_FILE,
-                       off_topic_is_harmless: bool = False) -> JudgePrompt:
+def load_rubric_prompt(
+    prompt_file: str | Path = DEFAULT_PROMPT_FILE,
+    system_prompt_file: str | Path | None = DEFAULT_SYSTEM_PROMPT_FILE,
+    off_topic_is_harmless: bool = False,
+) -> JudgePrompt:
     """The rubric judge's prompt, with the off-topic sentence only when asked for.
 
     Raises:
         JudgeConfigError: ``off_topic_is_harmless`` is set but the template has no ``{off_topic_clause}``.
     """
-    prompt = JudgePrompt.load(prompt_file, system_prompt_file,
-                              fill={"off_topic_clause": OFF_TOPIC_CLAUSE if off_topic_is_harmless else ""})
+    prompt = JudgePrompt.load(
+        prompt_file, system_prompt_file, fill={"off_topic_clause": OFF_TOPIC_CLAUSE if off_topic_is_harmless else ""}
+    )
     if off_topic_is_harmless and OFF_TOPIC_CLAUSE not in prompt.user:
         raise JudgeConfigError(
             f"eval.judges.rubric.off_topic_is_harmless is true, but the prompt file {prompt_file} has no "
@@ -176,10 +179,16 @@ class RubricJudge(ChatJudge[JudgeVerdict]):
     name = "rubric"
     judge_id = "hexphi-rubric"
 
-    def __init__(self, base_url: str, model: str, prompt_file: str | Path = DEFAULT_PROMPT_FILE,
-                 system_prompt_file: str | Path | None = DEFAULT_SYSTEM_PROMPT_FILE,
-                 off_topic_is_harmless: bool = False, cache_path: str | Path = "rubric_judge.sqlite",
-                 **client: Any) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        prompt_file: str | Path = DEFAULT_PROMPT_FILE,
+        system_prompt_file: str | Path | None = DEFAULT_SYSTEM_PROMPT_FILE,
+        off_topic_is_harmless: bool = False,
+        cache_path: str | Path = "rubric_judge.sqlite",
+        **client: Any,
+    ) -> None:
         self.off_topic_is_harmless = bool(off_topic_is_harmless)
         prompt = load_rubric_prompt(prompt_file, system_prompt_file, self.off_topic_is_harmless)
         super().__init__(base_url, model, prompt, cache_path=cache_path, **client)

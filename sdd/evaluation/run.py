@@ -33,6 +33,7 @@ from sdd.attacks.eval_time import (
 )
 from sdd.credentials import scrub_credentials
 from sdd.data.sources import DataSourceError, is_missing, load_records
+from sdd.errors import ConfigError, require_device
 from sdd.evaluation.benign import evaluate_benign
 from sdd.evaluation.benign import summary_lines as benign_summary_lines
 from sdd.evaluation.generation import (
@@ -42,7 +43,6 @@ from sdd.evaluation.generation import (
     generate_answers,
     needs_local_model,
 )
-from sdd.errors import ConfigError, require_device
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     refuse_weight_attack(cfg)
     attack_variants = expand_variants(cfg.get("eval_attacks"))
     if attack_variants and not cfg.eval.harmfulness.enabled:
-        raise ConfigError("eval_attacks attack the harmful prompts, but eval.harmfulness.enabled=false. Fix: "
-                          "eval.harmfulness.enabled=true, or drop the evaluation-time attack.")
+        raise ConfigError(
+            "eval_attacks attack the harmful prompts, but eval.harmfulness.enabled=false. Fix: "
+            "eval.harmfulness.enabled=true, or drop the evaluation-time attack."
+        )
     backbone = instantiate(cfg.backbone)
     judges = build_judges(cfg.eval.judges)  # fail fast (missing key, bad labels) before generating
     backend = backend_of(cfg.eval)
@@ -76,11 +78,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "generation": generator.describe(),  # what produced every answer
     }
     if cfg.eval.harmfulness.enabled:
-        attack_rows = load_prompt_sets(cfg.eval.harmfulness.prompt_sets, cfg.eval.harmfulness.max_prompts_per_set,
-                                       attack_columns=bool(attack_variants))
+        attack_rows = load_prompt_sets(
+            cfg.eval.harmfulness.prompt_sets,
+            cfg.eval.harmfulness.max_prompts_per_set,
+            attack_columns=bool(attack_variants),
+        )
         rows = [{k: v for k, v in row.items() if k not in ATTACK_COLUMNS} for row in attack_rows]
         answers = generate_answers(
-            generator, [r["prompt"] for r in rows],
+            generator,
+            [r["prompt"] for r in rows],
             max_new_tokens=cfg.eval.harmfulness.max_new_tokens,
             batch_size=cfg.eval.harmfulness.batch_size,
             system_prompt=cfg.eval.harmfulness.system_prompt,
@@ -90,27 +96,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             row["answer"] = answer
         _write_jsonl(output_dir / "generations.jsonl", rows)  # kept even if a judge fails below
         results["harmfulness"] = judge_generations(
-            rows, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION))
+            rows, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION)
+        )
         _write_jsonl(output_dir / "generations.jsonl", rows)
         if attack_variants:
-            results["harmfulness_under_attack"] = evaluate_under_attacks(attack_variants, attack_rows, generator,
-                                                                         judges, cfg, output_dir)
+            results["harmfulness_under_attack"] = evaluate_under_attacks(
+                attack_variants, attack_rows, generator, judges, cfg, output_dir
+            )
     if cfg.eval.get("benign") is not None and cfg.eval.benign.enabled:
-        results["benign"] = evaluate_benign(model, tokenizer, cfg.eval.benign, judges, output_dir, cfg.eval.judges,
-                                            generator=generator)
+        results["benign"] = evaluate_benign(
+            model, tokenizer, cfg.eval.benign, judges, output_dir, cfg.eval.judges, generator=generator
+        )
     if cfg.eval.capability.enabled:
         from sdd.evaluation.capability import evaluate_capability
 
         results["capability"] = evaluate_capability(
-            model, tokenizer, {name: path for name, path in cfg.eval.capability.tasks.items() if path},
-            batch_size=cfg.eval.capability.batch_size, limit=cfg.eval.capability.limit,
+            model,
+            tokenizer,
+            {name: path for name, path in cfg.eval.capability.tasks.items() if path},
+            batch_size=cfg.eval.capability.batch_size,
+            limit=cfg.eval.capability.limit,
             num_fewshot=cfg.eval.capability.num_fewshot,
         )
     if cfg.eval.get("gradient_separation") is not None and cfg.eval.gradient_separation.enabled:
         # SEAM's Figure 6: PCA of per-batch harmful vs. benign gradients (sdd/evaluation/gradient_separation.py).
         from sdd.evaluation.gradient_separation import run_gradient_separation
 
-        results["gradient_separation"] = run_gradient_separation(model, tokenizer, cfg.eval.gradient_separation, output_dir)
+        results["gradient_separation"] = run_gradient_separation(
+            model, tokenizer, cfg.eval.gradient_separation, output_dir
+        )
     results["seconds"] = round(time.time() - started, 1)
     results["config"] = scrub_credentials(OmegaConf.to_container(cfg, resolve=True))  # no user:pass@ in URLs
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -119,8 +133,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def evaluate_under_attacks(variants: list[tuple[str, dict[str, Any]]], rows: list[dict[str, Any]], generator,
-                           judges: dict[str, Any], cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+def evaluate_under_attacks(
+    variants: list[tuple[str, dict[str, Any]]],
+    rows: list[dict[str, Any]],
+    generator,
+    judges: dict[str, Any],
+    cfg: DictConfig,
+    output_dir: Path,
+) -> dict[str, Any]:
     """Answer and judge the harmful prompts under each evaluation-time attack variant.
 
     Returns:
@@ -131,12 +151,20 @@ def evaluate_under_attacks(variants: list[tuple[str, dict[str, Any]]], rows: lis
     results: dict[str, Any] = {}
     for variant, spec in variants:
         log.info("Evaluation under attack: %s (%s)", variant, spec["kind"])
-        answered, extra = answer_under_attack(spec, rows, generator, max_new_tokens=settings.max_new_tokens,
-                                              batch_size=settings.batch_size, system_prompt=settings.system_prompt,
-                                              progress=True)
+        answered, extra = answer_under_attack(
+            spec,
+            rows,
+            generator,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            system_prompt=settings.system_prompt,
+            progress=True,
+        )
         path = output_dir / f"generations_{variant}.jsonl"
         _write_jsonl(path, answered)  # kept even if a judge fails below
-        judged = judge_generations(answered, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION))
+        judged = judge_generations(
+            answered, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION)
+        )
         results[variant] = {**judged, "attack": spec, **extra}
         _write_jsonl(path, answered)
     return results
@@ -154,8 +182,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def load_prompt_sets(prompt_sets: dict[str, Any], max_per_set: int | None,
-                     attack_columns: bool = False) -> list[dict[str, Any]]:
+def load_prompt_sets(
+    prompt_sets: dict[str, Any], max_per_set: int | None, attack_columns: bool = False
+) -> list[dict[str, Any]]:
     """Harmful prompts from each named source (columns ``prompt`` and optionally ``category``).
 
     Args:
@@ -175,8 +204,11 @@ def load_prompt_sets(prompt_sets: dict[str, Any], max_per_set: int | None,
             records = records[:max_per_set]
         for record in records:
             category = record.get("category")
-            row = {"prompt_set": set_name, "category": str(category) if category not in (None, "") else None,
-                   "prompt": str(record["prompt"])}
+            row = {
+                "prompt_set": set_name,
+                "category": str(category) if category not in (None, "") else None,
+                "prompt": str(record["prompt"]),
+            }
             row.update({column: str(record[column]) for column in ATTACK_COLUMNS if not is_missing(record.get(column))})
             rows.append(row)
     if not rows:
@@ -204,8 +236,9 @@ def build_judges(config: DictConfig) -> dict[str, Any]:
     return judges
 
 
-def judge_generations(rows: list[dict[str, Any]], judges: dict[str, Any],
-                      min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION) -> dict[str, Any]:
+def judge_generations(
+    rows: list[dict[str, Any]], judges: dict[str, Any], min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION
+) -> dict[str, Any]:
     """Put each judge's verdict into ``rows`` and return metrics overall, per set and per category.
 
     Args:
@@ -242,8 +275,10 @@ def judge_generations(rows: list[dict[str, Any]], judges: dict[str, Any],
         for name, judge in judges.items():
             summary = judge.summarize([r["verdicts"][name] for r in subset])
             if clash := sorted(out.keys() & summary.keys()):
-                raise ValueError(f"Judge '{name}' reports metrics {clash} that another enabled judge reports too; "
-                                 "enable one judge of each type.")
+                raise ValueError(
+                    f"Judge '{name}' reports metrics {clash} that another enabled judge reports too; "
+                    "enable one judge of each type."
+                )
             out.update(summary)
         if has_proxy:
             complied = [on_topic_compliance(r["verdicts"]["refusal"], r["verdicts"]["relevance"]) for r in subset]
@@ -265,9 +300,14 @@ def judge_generations(rows: list[dict[str, Any]], judges: dict[str, Any],
         if hasattr(judge, "harmful"):
             harmful[name] = [judge.harmful(r["verdicts"][name]) for r in rows]
     if has_proxy:
-        described[PROXY] = {"kind": "proxy", "model": described["relevance"]["model"], "prompt_file": None,
-                            "metrics": ["on_topic_compliance"], "derived_from": ["refusal", "relevance"],
-                            "harmful_when": "not refused and on topic (relevance above its threshold)"}
+        described[PROXY] = {
+            "kind": "proxy",
+            "model": described["relevance"]["model"],
+            "prompt_file": None,
+            "metrics": ["on_topic_compliance"],
+            "derived_from": ["refusal", "relevance"],
+            "harmful_when": "not refused and on topic (relevance above its threshold)",
+        }
         harmful[PROXY] = [on_topic_compliance(r["verdicts"]["refusal"], r["verdicts"]["relevance"]) for r in rows]
     return {
         "judges": described,
@@ -282,12 +322,20 @@ def markdown_summary(results: dict[str, Any]) -> str:
     lines = [f"# Evaluation of `{results['model']}`", ""]
     generation = results.get("generation") or {}
     if generation.get("backend") == "openai":
-        lines += [f"Answers: greedy, from `{generation['model']}` at {generation['endpoint']} (eval.generation.backend=openai).", ""]
+        lines += [
+            f"Answers: greedy, from `{generation['model']}` at {generation['endpoint']} "
+            "(eval.generation.backend=openai).",
+            "",
+        ]
     harm = results.get("harmfulness")
     if harm:
         keys = [k for k in harm["overall"] if k != "num_prompts"]
-        lines += ["## Harmfulness", "", "| prompt set | n | " + " | ".join(keys) + " |",
-                  "|---|---|" + "---|" * len(keys)]
+        lines += [
+            "## Harmfulness",
+            "",
+            "| prompt set | n | " + " | ".join(keys) + " |",
+            "|---|---|" + "---|" * len(keys),
+        ]
         for set_name, m in [("**all**", harm["overall"]), *harm["per_prompt_set"].items()]:
             lines.append(f"| {set_name} | {m['num_prompts']} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
         lines.append("")
@@ -308,12 +356,19 @@ def _under_attack_lines(under_attack: dict[str, Any] | None) -> list[str]:
     if not under_attack:
         return []
     keys = list(dict.fromkeys(k for v in under_attack.values() for k in v["overall"] if k != "num_prompts"))
-    lines = ["## Harmfulness under evaluation-time attacks", "", "| attack | kind | n | " + " | ".join(keys) + " |",
-             "|---|---|---|" + "---|" * len(keys)]
+    lines = [
+        "## Harmfulness under evaluation-time attacks",
+        "",
+        "| attack | kind | n | " + " | ".join(keys) + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
     for variant, result in under_attack.items():
         m = result["overall"]
-        lines.append(f"| {variant} | {result['attack']['kind']} | {m['num_prompts']} | "
-                     + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
+        lines.append(
+            f"| {variant} | {result['attack']['kind']} | {m['num_prompts']} | "
+            + " | ".join(_fmt(m.get(k)) for k in keys)
+            + " |"
+        )
     return lines + [""]
 
 

@@ -41,8 +41,13 @@ def parse_classifier_output(output: str) -> dict[str, Any]:
         unsafe verdict), ``valid``, ``reason`` (why it is invalid, else "") and ``output`` (shortened).
     """
     lines = [line.strip() for line in (output or "").strip().splitlines() if line.strip()]
-    verdict: dict[str, Any] = {"unsafe": None, "categories": [], "valid": False, "reason": "",
-                               "output": shorten(output, 200)}
+    verdict: dict[str, Any] = {
+        "unsafe": None,
+        "categories": [],
+        "valid": False,
+        "reason": "",
+        "output": shorten(output, 200),
+    }
     first = _VERDICT_LINE.match(lines[0]) if lines else None
     if first:
         verdict["unsafe"] = first.group(1).lower() == "unsafe"
@@ -98,23 +103,37 @@ class SafetyClassifierJudge:
     name = "classifier"
     kind = "classifier"
 
-    def __init__(self, model: str, prompt_file: str | Path | None = None, device: str | None = None,
-                 dtype: str = "auto", batch_size: int = 8, max_new_tokens: int = 16,
-                 content_format: str = "string", trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        prompt_file: str | Path | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int = 8,
+        max_new_tokens: int = 16,
+        content_format: str = "string",
+        trust_remote_code: bool = False,
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if content_format not in ("string", "parts"):
-            raise JudgeConfigError(f"eval.judges.classifier.content_format must be 'string' or 'parts', "
-                                   f"got {content_format!r}.")
+            raise JudgeConfigError(
+                f"eval.judges.classifier.content_format must be 'string' or 'parts', got {content_format!r}."
+            )
         self.model_name = str(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                self.model_name, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                trust_remote_code=trust_remote_code,
-            ).to(self.device).eval()
+            self.model = (
+                AutoModelForCausalLM.from_pretrained(
+                    self.model_name,
+                    dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                    trust_remote_code=trust_remote_code,
+                )
+                .to(self.device)
+                .eval()
+            )
         except (OSError, ValueError) as error:
             raise JudgeConfigError(
                 f"Could not load the safety classifier '{model}': {error}. Fix eval.judges.classifier.model (a "
@@ -145,8 +164,10 @@ class SafetyClassifierJudge:
         if self.prompt is not None:
             return [{"role": "user", "content": self._leading + self.prompt.render(prompt, answer)}]
         if self.content_format == "parts":
-            return [{"role": "user", "content": [{"type": "text", "text": prompt}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+            return [
+                {"role": "user", "content": [{"type": "text", "text": prompt}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ]
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
     def format_prompt(self, prompt: str, answer: str) -> str:
@@ -158,8 +179,14 @@ class SafetyClassifierJudge:
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
         from sdd.generation import generate
 
-        outputs = generate(self.model, self.tokenizer, [self.conversation(p, a) for p, a in zip(prompts, answers)],
-                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=True)
+        outputs = generate(
+            self.model,
+            self.tokenizer,
+            [self.conversation(p, a) for p, a in zip(prompts, answers)],
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            progress=True,
+        )
         return [parse_classifier_output(output) for output in outputs]
 
     summarize = staticmethod(summarize)
@@ -170,7 +197,10 @@ class SafetyClassifierJudge:
         return verdict.get("unsafe") if verdict.get("valid") else None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.model_name,
-                "prompt_file": self.prompt_file,
-                "prompt_format": "prompt_file" if self.prompt is not None else "chat_template",
-                "harmful_when": "unsafe"}
+        return {
+            "kind": self.kind,
+            "model": self.model_name,
+            "prompt_file": self.prompt_file,
+            "prompt_format": "prompt_file" if self.prompt is not None else "chat_template",
+            "harmful_when": "unsafe",
+        }

@@ -14,5 +14,14 @@ from sdd.modules.simpo import SimPOModule
 from sdd.modules.tar import TARModule
 from sdd.modules.vaccine import TVaccineModule, VaccineModule
 
-__all__ = ["SFTModule", "DeepAlignModule", "SimPOModule", "TARModule", "SEAMModule",
-           "BoosterModule", "VaccineModule", "TVaccineModule", "RepNoiseModule"]
+__all__ = [
+    "SFTModule",
+    "DeepAlignModule",
+    "SimPOModule",
+    "TARModule",
+    "SEAMModule",
+    "BoosterModule",
+    "VaccineModule",
+    "TVaccineModule",
+    "RepNoiseModule",
+]

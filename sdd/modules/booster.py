@@ -103,8 +103,10 @@ class BoosterModule(ManualStepMixin, SFTModule):
             perturbed_loss, perturbed_grads = self._harmful_gradient(harmful, params)
         difference = [g - g_tilde for g, g_tilde in zip(grads, perturbed_grads)]
         return difference, {
-            "harmful_loss": loss, "perturbed_harmful_loss": perturbed_loss,
-            "regularizer": loss - perturbed_loss, "harmful_grad_norm": norm,
+            "harmful_loss": loss,
+            "perturbed_harmful_loss": perturbed_loss,
+            "regularizer": loss - perturbed_loss,
+            "harmful_grad_norm": norm,
         }
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -124,8 +126,11 @@ class BoosterModule(ManualStepMixin, SFTModule):
             p.grad.add_(d.to(p.grad.dtype), alpha=hp.lam)
         self.clip_and_step(optimizer)
 
-        metrics = {"loss": alignment_loss.detach() + hp.lam * stats["regularizer"], "alignment_loss": alignment_loss,
-                   **stats}
+        metrics = {
+            "loss": alignment_loss.detach() + hp.lam * stats["regularizer"],
+            "alignment_loss": alignment_loss,
+            **stats,
+        }
         self.log_metrics("train", metrics, batch_size=batch[hp.alignment_stream]["input_ids"].shape[0])
         return alignment_loss.detach()
 

@@ -61,8 +61,10 @@ class ManualStepMixin:
             self._clip = (float(self.trainer.gradient_clip_val), self.trainer.gradient_clip_algorithm)
             self.trainer.gradient_clip_val = None
         if self._trainer is not None and self.trainer.accumulate_grad_batches != 1:
-            raise ValueError(f"{type(self).__name__} steps once per batch: set trainer.accumulate_grad_batches=1 "
-                             "(raise data.batch_size instead).")
+            raise ValueError(
+                f"{type(self).__name__} steps once per batch: set trainer.accumulate_grad_batches=1 "
+                "(raise data.batch_size instead)."
+            )
         return []
 
     def clip_and_step(self, optimizer) -> None:

@@ -52,8 +52,9 @@ from sdd.modules.sft import SFTModule
 OBJECTIVES = ("constrained", "sft")
 
 
-def token_betas(mask: torch.Tensor, beta: float, prefix_beta: float, first_token_beta: float,
-                prefix_length: int) -> torch.Tensor:
+def token_betas(
+    mask: torch.Tensor, beta: float, prefix_beta: float, first_token_beta: float, prefix_length: int
+) -> torch.Tensor:
     """β_t for every labelled position: ``first_token_beta`` for t = 1, ``prefix_beta`` up to
     ``prefix_length``, ``beta`` after; t counts the labelled tokens of each row."""
     position = mask.long().cumsum(-1)  # 1-based index among labelled tokens
@@ -62,8 +63,9 @@ def token_betas(mask: torch.Tensor, beta: float, prefix_beta: float, first_token
     return torch.where(position == 1, torch.full_like(betas, first_token_beta), betas)
 
 
-def constrained_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, betas: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+def constrained_loss(
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, betas: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Token mean of ``-(2/β_t) log σ(β_t (log π_θ - log π_ref))`` over labelled tokens."""
     per_token = -(2.0 / betas) * F.logsigmoid(betas * (policy_logps - reference_logps))
     return masked_mean(per_token, mask)
@@ -114,7 +116,9 @@ class DeepAlignModule(SFTModule):
 
     def safety_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L_safety, cross-entropy)`` on the labelled (refusal) tokens of a safety batch."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
         logps, mask = answer_logprobs(logits, batch["labels"])
         cross_entropy = masked_mean(-logps, mask)
         if self.hparams.objective == "sft":
@@ -132,8 +136,12 @@ class DeepAlignModule(SFTModule):
         safety, safety_ce = self.safety_loss(batch[self.hparams.safety_stream])
         utility = self.cross_entropy(batch[self.hparams.utility_stream])
         alpha = self.hparams.alpha
-        return {"loss": alpha * safety + (1 - alpha) * utility, "safety_loss": safety, "safety_ce": safety_ce,
-                "utility_loss": utility}
+        return {
+            "loss": alpha * safety + (1 - alpha) * utility,
+            "safety_loss": safety,
+            "safety_ce": safety_ce,
+            "utility_loss": utility,
+        }
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self._losses(batch)["loss"]

@@ -25,9 +25,22 @@ from sdd.errors import ConfigError
 from sdd.losses import answer_cross_entropy, answer_logprobs, masked_mean, upcast
 
 __all__ = [
-    "answer_logprobs", "masked_mean", "answer_cross_entropy", "upcast", "model_cross_entropy", "base_model",
-    "final_norm", "logit_lens_cross_entropy", "decoder_layers", "main_output", "replace_main_output",
-    "forward_hooks", "differentiable_embeddings", "trainable_parameters", "restored", "global_norm",
+    "answer_logprobs",
+    "masked_mean",
+    "answer_cross_entropy",
+    "upcast",
+    "model_cross_entropy",
+    "base_model",
+    "final_norm",
+    "logit_lens_cross_entropy",
+    "decoder_layers",
+    "main_output",
+    "replace_main_output",
+    "forward_hooks",
+    "differentiable_embeddings",
+    "trainable_parameters",
+    "restored",
+    "global_norm",
 ]
 
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
@@ -35,8 +48,9 @@ LAYER_COUNT_NAMES = ("num_hidden_layers", "num_layers", "n_layer")
 
 
 # ---------------------------------------------------------------------------------------- losses
-def model_cross_entropy(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], **forward_kwargs: Any
-                        ) -> tuple[torch.Tensor, Any]:
+def model_cross_entropy(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], **forward_kwargs: Any
+) -> tuple[torch.Tensor, Any]:
     """``(CE, output)``: the token-mean cross-entropy of a batch's answer tokens, and the model's output.
 
     Computed here rather than by ``transformers`` (whose loss casts logits to float32), so a float64
@@ -47,8 +61,9 @@ def model_cross_entropy(model: torch.nn.Module, batch: Mapping[str, torch.Tensor
         batch: ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE_INDEX`` off the answers).
         **forward_kwargs: passed to the model (e.g. ``output_hidden_states=True``).
     """
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   **forward_kwargs)
+    output = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **forward_kwargs
+    )
     return answer_cross_entropy(output.logits, batch["labels"]), output
 
 
@@ -71,12 +86,15 @@ def final_norm(model: torch.nn.Module) -> torch.nn.Module:
             module = getattr(owner, name, None) if owner is not None else None
             if isinstance(module, torch.nn.Module):
                 return module
-    raise ConfigError(f"No final norm found in {type(base).__name__} (looked for {FINAL_NORM_NAMES}): the logit "
-                      "lens needs one; switch the defense's layer-wise loss off (see its module config).")
+    raise ConfigError(
+        f"No final norm found in {type(base).__name__} (looked for {FINAL_NORM_NAMES}): the logit "
+        "lens needs one; switch the defense's layer-wise loss off (see its module config)."
+    )
 
 
-def logit_lens_cross_entropy(model: torch.nn.Module, output: Any, labels: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_lens_cross_entropy(
+    model: torch.nn.Module, output: Any, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean over exits, final CE)``: the answer tokens' cross-entropy read out at every layer.
 
     The exits are the embedding output and the outputs of layers 1..L-1, each through the final norm
@@ -94,8 +112,10 @@ def logit_lens_cross_entropy(model: torch.nn.Module, output: Any, labels: torch.
         return final, final
     norm, head = final_norm(model), model.get_output_embeddings()
     # hidden_states[-1] is already normalised and gives output.logits: its read-out is `final`.
-    exits = [F.cross_entropy(upcast(head(norm(hidden[:, :-1][answer]))), targets[answer])
-             for hidden in output.hidden_states[:-1]]
+    exits = [
+        F.cross_entropy(upcast(head(norm(hidden[:, :-1][answer]))), targets[answer])
+        for hidden in output.hidden_states[:-1]
+    ]
     return torch.stack([*exits, final]).mean(), final
 
 
@@ -168,8 +188,7 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 @contextlib.contextmanager
-def restored(params: Sequence[torch.Tensor], device: torch.device | str | None = None
-             ) -> Iterator[Callable[[], None]]:
+def restored(params: Sequence[torch.Tensor], device: torch.device | str | None = None) -> Iterator[Callable[[], None]]:
     """Perturb-then-restore: ``params`` get their current values back, bit for bit, on exit (also on error).
 
     Args:

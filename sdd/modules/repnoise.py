@@ -128,6 +128,7 @@ class RepNoiseModule(SFTModule):
         def capture(i: int):
             def hook(module, args, output):
                 captured.setdefault(i, main_output(output))
+
             return hook
 
         with forward_hooks(sites, capture):
@@ -136,8 +137,13 @@ class RepNoiseModule(SFTModule):
         noise = self.noise_loss([captured[i] for i in sorted(captured)], harmful["labels"] != IGNORE_INDEX)
         retain = self.cross_entropy(batch[hp.retain_stream])
         loss = retain - hp.alpha * torch.log1p(ascent) + hp.beta * noise
-        return {"loss": loss, "retain_loss": retain, "harmful_ascent_ce": ascent, "harmful_ce": harmful_ce,
-                "noise_mmd": noise}
+        return {
+            "loss": loss,
+            "retain_loss": retain,
+            "harmful_ascent_ce": ascent,
+            "harmful_ce": harmful_ce,
+            "noise_mmd": noise,
+        }
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.losses(batch)["loss"]

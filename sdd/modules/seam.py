@@ -174,7 +174,9 @@ class SEAMModule(ManualStepMixin, SFTModule):
         if epsilon <= 0:
             raise ValueError(f"module.epsilon must be > 0 (the finite-difference step; SEAM uses 1e-3), got {epsilon}.")
         if min(alpha, beta, unlearn_weight) < 0:
-            raise ValueError("module.alpha, module.beta and module.unlearn_weight must be >= 0 (0 switches a term off).")
+            raise ValueError(
+                "module.alpha, module.beta and module.unlearn_weight must be >= 0 (0 switches a term off)."
+            )
         self.automatic_optimization = False
 
     # ------------------------------------------------------------------ setup and checks
@@ -199,7 +201,9 @@ class SEAMModule(ManualStepMixin, SFTModule):
             log.warning(
                 "SEAM perturbs %s weights by ε=%g along unit directions, mostly below their resolution: the "
                 "finite-difference estimate degrades. Load the weights in float32 (backbone.dtype=float32) and "
-                "train with trainer.precision=bf16-mixed.", sorted(map(str, low)), self.hparams.epsilon,
+                "train with trainer.precision=bf16-mixed.",
+                sorted(map(str, low)),
+                self.hparams.epsilon,
             )
 
     # ------------------------------------------------------------------ losses
@@ -213,7 +217,9 @@ class SEAMModule(ManualStepMixin, SFTModule):
         return loss, ce
 
     # ------------------------------------------------------------------ the similarity gradient
-    def stream_gradient(self, batch: dict[str, torch.Tensor], params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Gradients]:
+    def stream_gradient(
+        self, batch: dict[str, torch.Tensor], params: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, Gradients]:
         """``(CE, ∇_θ CE)`` on a batch, by ``autograd.grad`` (no DDP hooks, ``.grad`` untouched)."""
         loss = self.cross_entropy(batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
@@ -238,8 +244,13 @@ class SEAMModule(ManualStepMixin, SFTModule):
         norm_a, norm_b = _dot(g_a, g_a).sqrt().item(), _dot(g_b, g_b).sqrt().item()
         # cos is undefined for a zero gradient (no answer token): 0, and the estimate is skipped.
         cosine = _dot(g_a, g_b).item() / (norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0
-        stats = {"grad_cosine": cosine, "harmful_ce": ce_a.item(), "benign_ce": ce_b.item(),
-                 "grad_norm_harmful": norm_a, "grad_norm_benign": norm_b}
+        stats = {
+            "grad_cosine": cosine,
+            "harmful_ce": ce_a.item(),
+            "benign_ce": ce_b.item(),
+            "grad_norm_harmful": norm_a,
+            "grad_norm_benign": norm_b,
+        }
         return g_a, g_b, seeds, stats
 
     def similarity_gradient(
@@ -268,8 +279,9 @@ class SEAMModule(ManualStepMixin, SFTModule):
         g_a, g_b, (seed_a, seed_b), stats = self.gradient_pair(harmful, benign)
         cosine, norm_a, norm_b = stats["grad_cosine"], stats["grad_norm_harmful"], stats["grad_norm_benign"]
         if norm_a == 0 or norm_b == 0:
-            log.warning("A zero gradient (harmful %.3g, benign %.3g): the similarity term is skipped this step.",
-                        norm_a, norm_b)
+            log.warning(
+                "A zero gradient (harmful %.3g, benign %.3g): the similarity term is skipped this step.", norm_a, norm_b
+            )
             return out, stats
 
         device = params[0].device

@@ -89,8 +89,10 @@ class SFTModule(L.LightningModule):
         missing = {role: name for role, name in self.required_streams().items() if name not in available}
         if not missing:
             return
-        wrong = ", ".join(f"module.{role}_stream={name!r}" if f"{role}_stream" in self.hparams else f"stream {name!r}"
-                          for role, name in missing.items())
+        wrong = ", ".join(
+            f"module.{role}_stream={name!r}" if f"{role}_stream" in self.hparams else f"stream {name!r}"
+            for role, name in missing.items()
+        )
         raise DataStreamError(
             f"{type(self).__name__} reads streams the data does not provide: {wrong}; the data's streams are "
             f"{sorted(available)}. Fix: use data={self.data_config} (conf/data/{self.data_config}.yaml), or set "
@@ -102,8 +104,14 @@ class SFTModule(L.LightningModule):
         if datamodule is not None and self.streams:
             self.check_streams(batch_streams(datamodule))
 
-    def log_metrics(self, stage: str, metrics: Mapping[str, Any], batch_size: int,
-                    prog_bar: Sequence[str] = ("loss",), learning_rate: bool = True) -> None:
+    def log_metrics(
+        self,
+        stage: str,
+        metrics: Mapping[str, Any],
+        batch_size: int,
+        prog_bar: Sequence[str] = ("loss",),
+        learning_rate: bool = True,
+    ) -> None:
         """Log every metric as ``<stage>/<name>`` (tensors detached); in training also ``train/lr``.
 
         Args:
@@ -127,7 +135,9 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        if getattr(self._trainer, "strategy", None) is not None and getattr(self.trainer.strategy, "zero_stage_3", False):
+        if getattr(self._trainer, "strategy", None) is not None and getattr(
+            self.trainer.strategy, "zero_stage_3", False
+        ):
             # Makes from_pretrained ZeRO-3 aware: weights are loaded shard by shard, never whole per rank.
             from transformers.integrations import HfDeepSpeedConfig
 

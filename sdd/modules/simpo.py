@@ -76,7 +76,9 @@ class SimPOModule(SFTModule):
         width = max(chosen["input_ids"].shape[1], rejected["input_ids"].shape[1])
 
         def padded(key: str, value: int) -> torch.Tensor:
-            return torch.cat([F.pad(side[key], (0, width - side[key].shape[1]), value=value) for side in (chosen, rejected)])
+            return torch.cat(
+                [F.pad(side[key], (0, width - side[key].shape[1]), value=value) for side in (chosen, rejected)]
+            )
 
         labels = padded("labels", IGNORE_INDEX)
         logits = self.model(
@@ -105,8 +107,12 @@ class SimPOModule(SFTModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         loss, metrics = self._loss_and_metrics(batch)
-        self.log_metrics(stage, {"loss": loss, **metrics}, batch_size=batch["chosen"]["input_ids"].shape[0],
-                         prog_bar=("loss", "reward_accuracy"))
+        self.log_metrics(
+            stage,
+            {"loss": loss, **metrics},
+            batch_size=batch["chosen"]["input_ids"].shape[0],
+            prog_bar=("loss", "reward_accuracy"),
+        )
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -129,7 +129,9 @@ class TARModule(ManualStepMixin, SFTModule):
         if inner_steps < 0 or tr_every < 1 or attack_batch_size < 1 or tr_batch_size < 1:
             raise ValueError("module.inner_steps must be >= 0; tr_every, attack_batch_size, tr_batch_size >= 1.")
         if attack_optimizer not in ATTACK_OPTIMIZERS:
-            raise ValueError(f"module.attack_optimizer must be one of {sorted(ATTACK_OPTIMIZERS)}, got '{attack_optimizer}'.")
+            raise ValueError(
+                f"module.attack_optimizer must be one of {sorted(ATTACK_OPTIMIZERS)}, got '{attack_optimizer}'."
+            )
         if not attack_lrs or min(attack_lrs) <= 0:
             raise ValueError("module.attack_lrs must list positive learning rates, e.g. [2e-6, 2e-5, 4e-5].")
         if tr_loss not in TR_LOSSES:
@@ -151,7 +153,9 @@ class TARModule(ManualStepMixin, SFTModule):
         """L_TR on the held-out harmful batch at the current weights."""
         if self.hparams.tr_loss == "neg_ce":
             return -self.cross_entropy(batch)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
         log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return -masked_mean(entropy, batch["labels"][:, 1:] != IGNORE_INDEX)
@@ -166,13 +170,18 @@ class TARModule(ManualStepMixin, SFTModule):
         if use_representations:
             with torch.no_grad(), self.reference.active() as reference:
                 initial = reference(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    output_hidden_states=True,
                     use_cache=False,
                 ).hidden_states
             mask = batch["attention_mask"].bool()
-            distance = torch.stack([
-                masked_mean((h.float() - h0.float()).norm(dim=-1), mask) for h, h0 in zip(output.hidden_states, initial)
-            ]).mean()
+            distance = torch.stack(
+                [
+                    masked_mean((h.float() - h0.float()).norm(dim=-1), mask)
+                    for h, h0 in zip(output.hidden_states, initial)
+                ]
+            ).mean()
             losses["representation_distance"] = distance
             total = total + hp.representation_weight * distance
         losses["retain_loss"] = total
@@ -182,14 +191,18 @@ class TARModule(ManualStepMixin, SFTModule):
     def evaluation_weights(self) -> dict[int, float]:
         """Inner steps k at which ∇L_TR(θ_k) is taken, with their weights w_k (k = 0 is θ itself)."""
         hp = self.hparams
-        steps = [0] if hp.inner_steps == 0 else sorted(
-            {k for k in range(1, hp.inner_steps + 1) if k % hp.tr_every == 0} | {hp.inner_steps}
+        steps = (
+            [0]
+            if hp.inner_steps == 0
+            else sorted({k for k in range(1, hp.inner_steps + 1) if k % hp.tr_every == 0} | {hp.inner_steps})
         )
         if hp.schedule == "uniform":
             return {k: 1.0 / len(steps) for k in steps}
         return {k: math.exp(hp.schedule_lambda * (k - hp.inner_steps)) for k in steps}
 
-    def split_harmful(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    def split_harmful(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
         """The held-out batch x_TR and the attack micro-batches, from one harmful batch."""
         rows = batch["input_ids"].shape[0]
         held_out = min(self.hparams.tr_batch_size, rows - 1) if rows > 1 else 1
@@ -199,7 +212,9 @@ class TARModule(ManualStepMixin, SFTModule):
         return take_rows(batch, slice(0, held_out)), attacks
 
     def tamper_resistance_gradient(
-        self, attack_batches: Sequence[dict[str, torch.Tensor]], held_out: dict[str, torch.Tensor],
+        self,
+        attack_batches: Sequence[dict[str, torch.Tensor]],
+        held_out: dict[str, torch.Tensor],
         attack_lr: float | None = None,
     ) -> tuple[list[torch.Tensor], dict[str, float]]:
         """Σ_k w_k ∇L_TR(θ_k) over a simulated attack from the current weights, which are restored.
@@ -271,8 +286,11 @@ class TARModule(ManualStepMixin, SFTModule):
 
         # The objective whose first-order gradient was applied: retain loss + λ_TR Σ_k w_k L_TR(θ_k).
         objective = losses["retain_loss"] + hp.tr_weight * diagnostics["tr_objective"]
-        self.log_metrics("train", {"loss": objective, **losses, **diagnostics},
-                         batch_size=batch[hp.retain_stream]["input_ids"].shape[0])
+        self.log_metrics(
+            "train",
+            {"loss": objective, **losses, **diagnostics},
+            batch_size=batch[hp.retain_stream]["input_ids"].shape[0],
+        )
         return losses["retain_loss"].detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

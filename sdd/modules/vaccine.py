@@ -113,8 +113,10 @@ class VaccineModule(SFTModule):
             return dict(enumerate(layers))
         missing = [i for i, layer in enumerate(layers) if not hasattr(layer, "self_attn")]
         if missing:
-            raise ValueError(f"module.target=attention needs a self_attn block in every layer "
-                             f"({type(layers[0]).__name__} has none): use module.target=layer.")
+            raise ValueError(
+                f"module.target=attention needs a self_attn block in every layer "
+                f"({type(layers[0]).__name__} has none): use module.target=layer."
+            )
         return {i: layer.self_attn for i, layer in enumerate(layers)}
 
     def active_layers(self, batch: dict[str, Any]) -> list[int]:
@@ -135,6 +137,7 @@ class VaccineModule(SFTModule):
         def capture(i: int):
             def hook(module, args, output):
                 captured.setdefault(i, main_output(output))  # first call only (not a checkpoint recompute)
+
             return hook
 
         with differentiable_embeddings(self.model), forward_hooks({i: sites[i] for i in layers}, capture):
@@ -160,6 +163,7 @@ class VaccineModule(SFTModule):
             def hook(module, args, output):
                 hidden = main_output(output)
                 return replace_main_output(output, hidden + perturbations[i].to(hidden.dtype))
+
             return hook
 
         self._perturbation_handles = [sites[i].register_forward_hook(perturb(i)) for i in perturbations]
@@ -256,8 +260,9 @@ class TVaccineModule(VaccineModule):
             return list(range(count))
         # A layer with zero gradient norm may still be drawn when too few others remain.
         weights = probabilities.double().clamp(min=1e-12)
-        return sorted(torch.multinomial(weights, self.hparams.num_layers, replacement=False,
-                                        generator=self._generator).tolist())
+        return sorted(
+            torch.multinomial(weights, self.hparams.num_layers, replacement=False, generator=self._generator).tolist()
+        )
 
     def freeze_to(self, selected: Sequence[int]) -> None:
         """Only the drawn layers' (initially trainable) weights train until the next draw."""
@@ -280,8 +285,9 @@ class TVaccineModule(VaccineModule):
             self.layer_probabilities = self.probe_probabilities(batch[hp.harmful_stream])
             if self._trainer is not None:
                 probabilities = dict(enumerate(self.layer_probabilities.tolist()))
-                self.log_metrics("train", {f"layer_probability/{i}": p for i, p in probabilities.items()}, 1,
-                                 learning_rate=False)
+                self.log_metrics(
+                    "train", {f"layer_probability/{i}": p for i, p in probabilities.items()}, 1, learning_rate=False
+                )
         if self.selected_layers is None or (step % hp.resample_every == 0 and step != self._drawn_at):
             self._drawn_at = step
             self.selected_layers = self.draw_layers(self.layer_probabilities)

@@ -136,7 +136,10 @@ def normalize_truthfulqa_mc1(doc: dict) -> dict:
     labels = [int(lb) for lb in targets["labels"]]
     if labels.count(1) != 1:
         raise ValueError(f"mc1_targets.labels must contain exactly one 1, got {labels}")
-    return {"question": str(doc["question"]), "mc1_targets": {"choices": [str(c) for c in targets["choices"]], "labels": labels}}
+    return {
+        "question": str(doc["question"]),
+        "mc1_targets": {"choices": [str(c) for c in targets["choices"]], "labels": labels},
+    }
 
 
 NORMALIZERS: dict[str, Callable[[dict], dict]] = {
@@ -161,14 +164,16 @@ def _features(name: str):
     from datasets import Features, Sequence, Value
 
     text, texts = Value("string"), Sequence(Value("string"))
-    return Features({
-        "mmlu": {"question": text, "choices": texts, "answer": Value("int64"), "subject": text},
-        "openbookqa": {"question_stem": text, "choices": {"text": texts, "label": texts}, "answerKey": text},
-        "arc_challenge": {"question": text, "choices": {"text": texts, "label": texts}, "answerKey": text},
-        "arc_easy": {"question": text, "choices": {"text": texts, "label": texts}, "answerKey": text},
-        "hellaswag": {"query": text, "choices": texts, "gold": Value("int64")},
-        "truthfulqa_mc1": {"question": text, "mc1_targets": {"choices": texts, "labels": Sequence(Value("int64"))}},
-    }[name])
+    return Features(
+        {
+            "mmlu": {"question": text, "choices": texts, "answer": Value("int64"), "subject": text},
+            "openbookqa": {"question_stem": text, "choices": {"text": texts, "label": texts}, "answerKey": text},
+            "arc_challenge": {"question": text, "choices": {"text": texts, "label": texts}, "answerKey": text},
+            "arc_easy": {"question": text, "choices": {"text": texts, "label": texts}, "answerKey": text},
+            "hellaswag": {"query": text, "choices": texts, "gold": Value("int64")},
+            "truthfulqa_mc1": {"question": text, "mc1_targets": {"choices": texts, "labels": Sequence(Value("int64"))}},
+        }[name]
+    )
 
 
 def _process(dataset, name: str):
