@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -97,8 +98,15 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             f"No pipeline results.json under {sweep_dir}: give the folder of a pipeline.py run or multirun{more}."
         )
     frame = pd.DataFrame(rows)
-    frame = frame.sort_values(["backbone", "defense", "attack_label"], kind="stable").reset_index(drop=True)
-    return frame, unreadable
+    frame = frame.sort_values(["backbone", "defense", "attack_label"], key=_natural_key, kind="stable")
+    return frame.reset_index(drop=True), unreadable
+
+
+def _natural_key(column: pd.Series) -> pd.Series:
+    """Sort text with its numbers as numbers: prefilling_k5 before prefilling_k10."""
+    return column.map(
+        lambda text: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", str(text))]
+    )
 
 
 def point_rows(record: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
