@@ -104,9 +104,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
 
 def _natural_key(column: pd.Series) -> pd.Series:
     """Sort text with its numbers as numbers: prefilling_k5 before prefilling_k10."""
-    return column.map(
-        lambda text: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", str(text))]
-    )
+    return column.map(lambda text: re.sub(r"\d+", lambda number: number.group().zfill(12), str(text)))
 
 
 def point_rows(record: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
