@@ -23,6 +23,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+from sdd.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -95,7 +97,11 @@ def evaluate_capability(
         FileNotFoundError: A task's local file does not exist.
     """
     if not tasks:
-        raise ValueError(f"No capability tasks given (eval.capability.tasks); known: {sorted(KNOWN_TASKS)}")
+        raise ConfigError(
+            f"eval.capability.enabled=true but no task has a source (eval.capability.tasks; known: "
+            f"{sorted(KNOWN_TASKS)}). Fix: set eval.capability.tasks.<task>=<local file> or hub, or "
+            "eval.capability.enabled=false (the corpus names none: corpus=local sets them to null)."
+        )
     unknown = sorted(set(tasks) - set(KNOWN_TASKS))
     if unknown:
         raise ValueError(f"Unknown capability task(s) {unknown}; known tasks: {sorted(KNOWN_TASKS)}")

@@ -62,6 +62,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     backbone = instantiate(cfg.backbone)
     judges = build_judges(cfg.eval.judges)  # fail fast (missing key, bad labels) before generating
+    if cfg.eval.capability.enabled and not any(cfg.eval.capability.tasks.values()):
+        from sdd.evaluation.capability import evaluate_capability
+
+        evaluate_capability(None, None, {})  # raises the ConfigError naming the fix, before anything loads
     backend = backend_of(cfg.eval)
     check_backend(attack_variants, backend)
     tokenizer = backbone.load_tokenizer()
