@@ -136,7 +136,11 @@ OTHER_ATTACKS = {
         "weight_edit.num_selection_prompts": 8,
         "weight_edit.harmful.partition.part": "train",
     },
-    "prefilling": {"attack_kind": "evaluation", "eval_attacks.prefilling.prefill_tokens": [5, 10, 20, 40]},
+    "prefilling": {
+        "attack_kind": "evaluation",
+        "eval_attacks.prefilling.prefill_tokens": [5, 10, 20, 40],
+        "eval_attacks.prefilling.judged": ["prefix_and_continuation", "continuation"],
+    },
     "embedding_attack": {
         "attack_kind": "evaluation",
         "eval_attacks.embedding_attack.steps": 100,

@@ -3,13 +3,17 @@
 ``eval_attacks`` (top level of ``conf/eval.yaml``, set by ``conf/attack/`` entries of ``attack_kind:
 evaluation``) maps a label to a spec whose ``kind`` is one of:
 
-- ``prefilling`` (:mod:`sdd.attacks.prefilling`): one variant per k of ``prefill_tokens``, named ``<label>_k<k>``;
+- ``prefilling`` (:mod:`sdd.attacks.prefilling`): answers generated once per k of ``prefill_tokens`` and judged
+  once per entry of ``judged``: ``<label>_k<k>`` judges prefix + continuation (what the model's turn holds),
+  ``<label>_k<k>_continuation`` the continuation alone (what the model itself added). Both by default: the
+  whole text credits the model with the attacker's prefix, the continuation alone hides what the turn shows;
 - ``embedding`` (:mod:`sdd.attacks.embedding`): one variant, ``<label>``;
 - ``prompt_format`` (:func:`sdd.attacks.jailbreak.format_prompt`): the prompt as the attacker sends it
   (``format``: a jailbreak format spec); one variant, ``<label>``. Judges see the original prompt.
 
-:func:`sdd.evaluation.run.evaluate` judges each variant's answers like the plain ones and writes them under
-``results["harmfulness_under_attack"][<variant>]``.
+:func:`expand_variants` gives what is generated (a prefilling spec: one per k); :func:`judged_variants` what
+each generation is judged as. :func:`sdd.evaluation.run.evaluate` judges each judged variant's answers like
+the plain ones and writes them under ``results["harmfulness_under_attack"][<variant>]``.
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ def refuse_weight_attack(cfg: Mapping[str, Any]) -> None:
 
 
 def expand_variants(eval_attacks: Mapping[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
-    """The variants of ``eval_attacks``, as ``(variant name, spec)``, checked before anything runs.
+    """The variants of ``eval_attacks`` to generate, as ``(variant name, spec)``, checked before anything runs.
 
-    A prefilling spec gives one variant per k (its ``prefill_tokens`` an int in the variant's spec).
+    A prefilling spec gives one variant per k (its ``prefill_tokens`` an int in the variant's spec, its
+    ``judged`` the checked list of texts, both by default); :func:`judged_variants` names its results.
 
     Raises:
-        ConfigError: an unknown kind, or a spec missing a setting.
+        ConfigError: an unknown kind, a spec missing a setting, or two results with one name.
     """
     if isinstance(eval_attacks, DictConfig):
         eval_attacks = OmegaConf.to_container(eval_attacks, resolve=True)
@@ -66,6 +71,9 @@ def expand_variants(eval_attacks: Mapping[str, Any] | None) -> list[tuple[str, d
                 raise ConfigError(
                     f"eval_attacks.{label}.prefill_tokens must be positive integers, e.g. [5, 10, 20, 40]; got {ks}."
                 )
+            from sdd.attacks.prefilling import check_judged
+
+            spec["judged"] = check_judged(label, spec.get("judged"))
             variants += [(f"{label}_k{k}", {**spec, "prefill_tokens": k}) for k in ks]
         elif spec["kind"] == "embedding":
             from sdd.attacks.embedding import check_embedding_spec
@@ -79,10 +87,34 @@ def expand_variants(eval_attacks: Mapping[str, Any] | None) -> list[tuple[str, d
                     "trigger, placement; see sdd/attacks/jailbreak.py)."
                 )
             variants.append((label, spec))
-    names = [name for name, _ in variants]
+    names = [name for variant, spec in variants for name in judged_variant_names(variant, spec)]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval_attacks gives two variants one name ({names}); rename a label.")
     return variants
+
+
+def judged_variant_names(variant: str, spec: Mapping[str, Any]) -> list[str]:
+    """The names of the results one generated variant gives (a prefilling variant: one per judged text)."""
+    if spec["kind"] == "prefilling":
+        from sdd.attacks.prefilling import judged_variant_name
+
+        return [judged_variant_name(variant, text) for text in spec["judged"]]
+    return [variant]
+
+
+def judged_variants(
+    variant: str, spec: Mapping[str, Any], answered: Sequence[dict[str, Any]]
+) -> list[tuple[str, str | None, list[dict[str, Any]]]]:
+    """What one generated variant's answers are judged as: ``(result name, judged text, rows)``.
+
+    A prefilling variant gives one entry per text of its ``judged`` (:func:`sdd.attacks.prefilling.judged_views`),
+    every other variant one entry, its own rows, with no judged text (``None``).
+    """
+    if spec["kind"] == "prefilling":
+        from sdd.attacks.prefilling import judged_views
+
+        return judged_views(variant, spec["judged"], answered)
+    return [(variant, None, list(answered))]
 
 
 def answer_under_attack(

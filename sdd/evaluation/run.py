@@ -29,6 +29,7 @@ from sdd.attacks.eval_time import (
     answer_under_attack,
     check_backend,
     expand_variants,
+    judged_variants,
     refuse_weight_attack,
 )
 from sdd.credentials import scrub_credentials
@@ -148,8 +149,10 @@ def evaluate_under_attacks(
     """Answer and judge the harmful prompts under each evaluation-time attack variant.
 
     Returns:
-        variant -> :func:`judge_generations`' output, plus ``attack`` (the variant's spec) and what the attack
-        adds (e.g. prompts skipped, target losses); answers in ``generations_<variant>.jsonl``.
+        variant -> :func:`judge_generations`' output, plus ``attack`` (the variant's spec), ``judged`` (for a
+        prefilling variant, the text judged: ``prefix_and_continuation`` or ``continuation``; the two share one
+        generation) and what the attack adds (e.g. prompts skipped, target losses); answers judged in
+        ``generations_<variant>.jsonl``.
     """
     settings = cfg.eval.harmfulness
     results: dict[str, Any] = {}
@@ -164,13 +167,15 @@ def evaluate_under_attacks(
             system_prompt=settings.system_prompt,
             progress=True,
         )
-        path = output_dir / f"generations_{variant}.jsonl"
-        _write_jsonl(path, answered)  # kept even if a judge fails below
-        judged = judge_generations(
-            answered, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION)
-        )
-        results[variant] = {**judged, "attack": spec, **extra}
-        _write_jsonl(path, answered)
+        views = judged_variants(variant, spec, answered)  # generated once, judged per text (prefilling)
+        for name, _, view in views:
+            _write_jsonl(output_dir / f"generations_{name}.jsonl", view)  # kept even if a judge fails below
+        for name, judged_text, view in views:
+            judged = judge_generations(
+                view, judges, cfg.eval.judges.get("min_valid_fraction", DEFAULT_MIN_VALID_FRACTION)
+            )
+            results[name] = {**judged, "attack": spec, **({"judged": judged_text} if judged_text else {}), **extra}
+            _write_jsonl(output_dir / f"generations_{name}.jsonl", view)
     return results
 
 
