@@ -112,6 +112,20 @@ def test_evaluate_runs_capability_tasks_from_local_files(tmp_path, cache_dir, ti
     assert "| mmlu |" in (Path(cfg.paths.output_dir) / "summary.md").read_text()
 
 
+def test_capability_enabled_without_any_task_fails_before_the_model_loads(tmp_path, cache_dir, monkeypatch):
+    from sdd.errors import ConfigError
+
+    cfg = compose_config(
+        "eval",
+        ["model=does/not/matter", "corpus=local", "paths.data_dir=/nowhere", "eval.capability.enabled=true"],
+        output_dir=tmp_path / "eval",
+        cache_dir=cache_dir,
+    )
+    monkeypatch.setattr("sdd.backbones.Backbone.load_model", lambda self: pytest.fail("the model loaded"))
+    with pytest.raises(ConfigError, match="eval.capability.enabled=false"):
+        evaluate(cfg)
+
+
 def test_evaluate_answers_held_out_benign_prompts_and_reports_proxies_and_reference_nll(
     tmp_path, cache_dir, tiny_backbone
 ):
