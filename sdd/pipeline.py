@@ -261,6 +261,7 @@ class StagePlanner:
                         f"attack={name}",
                         *self.training_choices,
                         *cfg.stages.overrides.attack,
+                        *(cfg.stages.overrides.get("per_attack") or {}).get(name, []),
                         *attack_overrides,
                     ],
                     label=name,

@@ -166,6 +166,8 @@ TRAINING_EXPERIMENT_ROWS = {
 # tiny_matrix's own sizes and 6-step lengths, over each defense's and attack's other values.
 TINY_DEFENSE = dict(steps=6, epochs=-1, lr=3e-3, batch=8, accumulate=1, examples=48, length=128)
 TINY_ATTACK = dict(steps=6, epochs=-1, lr=3e-3, batch=8, examples=32, length=128)
+# Jailbreak formats lengthen the prompt: tiny_matrix's per_attack gives those attacks room for the answer.
+TINY_ATTACK_LENGTH = {"jailbreak_tuning_competing": {"length": 256}, "jailbreak_tuning_style": {"length": 256}}
 TINY_EXAMPLES = {"t_vaccine": {"alignment": 48, "harmful": 200}}
 
 
@@ -214,7 +216,8 @@ PIPELINE = {
             for d, row in DEFENSES.items()
         },
         "attack": {
-            **{a: {**recipe, **TINY_ATTACK} for a, recipe in ATTACKS.items()},  # every attack: it discovers them
+            # every attack: it discovers them
+            **{a: {**recipe, **TINY_ATTACK, **TINY_ATTACK_LENGTH.get(a, {})} for a, recipe in ATTACKS.items()},
             **OTHER_ATTACKS,
         },  # a weight edit's or an evaluation-time attack's own settings
         "capability": {"mmlu"},
