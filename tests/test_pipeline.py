@@ -221,7 +221,7 @@ def test_the_whole_tiny_matrix_sweep_and_its_report(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=3600,
+        timeout=7200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = next((tmp_path / "logs" / "tiny_matrix" / "multiruns").iterdir())
@@ -234,7 +234,9 @@ def test_the_whole_tiny_matrix_sweep_and_its_report(tmp_path):
     import pandas as pd
 
     frame = pd.read_csv(sweep_dir / "report" / "results.csv")
-    assert len(frame) == expected
+    variants = frame[frame["attack_variant"].notna()]  # one more row per evaluation-time variant of a point
+    frame = frame[frame["attack_variant"].isna()]
+    assert len(frame) == expected and len(variants) > 0
     assert frame["final/capability/average"].notna().all() and frame["final/harm/on_topic_compliance"].notna().all()
     assert frame["final/benign/reference_nll"].notna().all() and (frame["data_overlap/exact"] == 0).all()
     assert "on_topic_compliance (proxy)" in (sweep_dir / "report" / "report.md").read_text()
