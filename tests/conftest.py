@@ -44,6 +44,32 @@ def tiny_tokenizer(tiny_backbone):
     return tiny_backbone.load_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_backbone):
+    """The tiny Llama with larger random weights, so that greedy answers differ from prompt to prompt."""
+    import torch
+
+    model = tiny_backbone.load_model().eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2 / parameter.shape[1] ** 0.5)
+    return model
+
+
+def offline_env(cache_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of an entry point run as a subprocess: offline, no wandb, its own cache."""
+    return dict(
+        os.environ,
+        SDD_CACHE_DIR=str(cache_dir),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        **extra,
+    )
+
+
 @pytest.fixture
 def tiny_train_config(tmp_path, cache_dir):
     """A tiny end-to-end training config: tiny backbone, demo corpus, a few steps."""

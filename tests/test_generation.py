@@ -70,18 +70,6 @@ class StopAtPosition:
         return output
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_backbone):
-    """The tiny Llama with larger random weights, so that its greedy answers differ from prompt to prompt."""
-    model = tiny_backbone.load_model()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2 / parameter.shape[1] ** 0.5)
-    return model
-
-
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_batched_answers_equal_one_by_one_in_input_order(tiny_model, tiny_tokenizer, batch_size):
     reference = reference_token_ids(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=12)

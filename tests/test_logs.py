@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from conftest import offline_env
 
 from sdd.logs import LIGHTNING_LOGGERS, quiet_libraries
 
@@ -88,13 +88,7 @@ def test_library_warnings_that_are_not_the_users_concern_are_filtered():
 
 
 def test_a_training_run_prints_each_line_once(tmp_path):
-    env = dict(
-        os.environ,
-        SDD_CACHE_DIR=str(tmp_path / "cache"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_MODE="disabled",
-    )
+    env = offline_env(tmp_path / "cache")
     result = subprocess.run(
         [
             sys.executable,

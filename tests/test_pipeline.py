@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR, compose_config, offline_env
 from omegaconf import OmegaConf
 
 from sdd.conf_options import sweep_params
@@ -209,12 +209,11 @@ def test_override_values_read_back_unchanged(value):
 @pytest.mark.slow
 def test_the_whole_tiny_matrix_sweep_and_its_report(tmp_path):
     """Every defense x every attack of tiny_matrix as one multirun, then report.py on it."""
-    import os
     import subprocess
     import sys
 
     root = CONF_DIR.parent
-    env = dict(os.environ, SDD_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    env = offline_env(tmp_path / "cache")
     result = subprocess.run(
         [sys.executable, "pipeline.py", "-m", "experiment=tiny_matrix", f"paths.log_dir={tmp_path / 'logs'}"],
         cwd=root,

@@ -3,24 +3,19 @@ verdict table is printed at the end, with the paths of the report and its figure
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["Vanilla", "Vanilla under mft_advbench", "sdd", "sdd under mft_advbench"]
 
 
 def test_the_quickstart_prints_the_verdict_table(tmp_path):
-    env = dict(
-        os.environ,
-        SDD_CACHE_DIR=str(tmp_path / "cache"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_MODE="disabled",
-    )
+    env = offline_env(tmp_path / "cache")
     result = subprocess.run(
         [
             sys.executable,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import offline_env
 
 from sdd.training import train
 
@@ -15,14 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_two_job_multirun_of_tiny_matrix_points_through_submitit_local(tmp_path):
     # The two jobs run side by side: one thread each, or they fight over the cores and slow down many times.
-    env = dict(
-        os.environ,
-        SDD_CACHE_DIR=str(tmp_path / "cache"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_MODE="disabled",
-        OMP_NUM_THREADS="1",
-    )
+    env = offline_env(tmp_path / "cache", OMP_NUM_THREADS="1")
     command = [
         sys.executable,
         "pipeline.py",

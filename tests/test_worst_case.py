@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import compose_config
+from conftest import compose_config, offline_env
 from omegaconf import OmegaConf
 
 from sdd.worst_case import capability_drop, capability_score, harm_value, score_trial
@@ -371,14 +370,7 @@ TINY = [
 
 @pytest.mark.slow  # ~2.5 min on a shared core: three real trials (the stubbed sweep above checks the logic fast)
 def test_a_three_trial_tiny_sweep_resumes_and_its_report_prints_the_bounded_table(tmp_path):
-    env = dict(
-        os.environ,
-        SDD_CACHE_DIR=str(tmp_path / "cache"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_MODE="disabled",
-        OMP_NUM_THREADS="1",
-    )
+    env = offline_env(tmp_path / "cache", OMP_NUM_THREADS="1")
     base = [
         sys.executable,
         "pipeline.py",

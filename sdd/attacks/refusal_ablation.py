@@ -147,17 +147,13 @@ def project_out(tensor: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
 def directional_ablation(layout: ResidualLayout, direction: torch.Tensor) -> Iterator[None]:
     """Ablate ``direction`` from every write to the residual stream (forward hooks; removed on exit)."""
 
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (project_out(output[0], direction), *output[1:])
-        return project_out(output, direction)
+    from sdd.modules.ops import forward_hooks, main_output, replace_main_output
 
-    handles = [module.register_forward_hook(hook) for module in layout.all_writers()]
-    try:
+    def hook(module, args, output):
+        return replace_main_output(output, project_out(main_output(output), direction))
+
+    with forward_hooks(dict(enumerate(layout.all_writers())), lambda index: hook):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
